@@ -1,0 +1,55 @@
+# The two commands the README opens with: `make demo` and `make test`.
+# Both create .venv with python3 -m venv + pip when it is missing (pip, not uv: pip takes torch
+# from this machine's local wheel cache).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DATA   := data/fashion-mnist
+RUN    := runs/demo
+# Where the Debian package dataset-fashion-mnist puts the idx files (override with FMNIST_DIR=...).
+FMNIST_DIR ?= /usr/share/fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv fmnist shards clean bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,plot]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+fmnist:
+	@if ls $(FMNIST_DIR)/*idx3-ubyte* >/dev/null 2>&1; then \
+	  echo "Fashion-MNIST: $(FMNIST_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing the Debian package dataset-fashion-mnist"; \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null); \
+	else \
+	  echo "Fashion-MNIST not found in $(FMNIST_DIR): install the Debian package dataset-fashion-mnist (as root) or set FMNIST_DIR=DIR (folder with the *-idx3-ubyte[.gz] files)"; exit 2; \
+	fi
+
+$(DATA)/train.json: | $(STAMP) fmnist
+	$(BIN)/selfsup-shards torchvision:FashionMNIST:$(FMNIST_DIR) $(DATA) --split train
+$(DATA)/test.json: | $(STAMP) fmnist
+	$(BIN)/selfsup-shards torchvision:FashionMNIST:$(FMNIST_DIR) $(DATA) --split test
+
+shards: $(DATA)/train.json $(DATA)/test.json
+
+demo: shards
+	$(BIN)/selfsup-train recipes/demo_fmnist.yaml run.dir=$(RUN) resume=none
+	$(BIN)/selfsup-eval all raw-pixels $(RUN) --train $(DATA)/train.json --val $(DATA)/test.json \
+	  --k 20 200 --out $(RUN)/eval
+
+bench: $(STAMP)
+	$(BIN)/python bench/train_step.py
+
+clean:
+	rm -rf runs/demo $(DATA)

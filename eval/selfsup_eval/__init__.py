@@ -1,0 +1,1 @@
+"""selfsup_eval: k-NN and linear probes on exported selfsup backbones."""

@@ -1,0 +1,50 @@
+"""``selfsup-train RECIPE [key=value ...]``.
+
+Errors a user can fix (recipe keys, shard paths, checkpoints, model names) are printed as one line
+``selfsup-train: error: ...`` with exit code 2, not as a traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from selfsup.checkpoint import CheckpointError
+from selfsup.config import RecipeError, load_recipe
+from selfsup.data import DataError
+from selfsup.models import ModelError
+from selfsup.shards import ShardSpecError
+
+USER_ERRORS = (RecipeError, DataError, ModelError, CheckpointError, ShardSpecError)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="selfsup-train",
+        description="Pretrain a backbone with a recipe (recipes/*.yaml) and key=value overrides.")
+    parser.add_argument("items", nargs="+", metavar="RECIPE|key=value",
+                        help="recipe YAML files merged in order (e.g. recipes/dcl.yaml "
+                             "recipes/data/fashion_mnist.yaml), then key=value overrides")
+    parser.add_argument("--print-recipe", action="store_true",
+                        help="print the resolved recipe and exit")
+    args = parser.parse_args(argv)
+    try:
+        recipes = [a for a in args.items if "=" not in a]
+        overrides = [a for a in args.items if "=" in a]
+        cfg = load_recipe(recipes, overrides)
+        if args.print_recipe:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(cfg), end="")
+            return 0
+        from selfsup.trainer import Trainer
+
+        Trainer(cfg).train()
+    except USER_ERRORS as e:
+        print(f"selfsup-train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

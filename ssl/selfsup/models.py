@@ -1,0 +1,56 @@
+"""Backbones from timm, plus the one surgery small images need.
+
+ImageNet ResNets downsample 4x before their first block (7x7 stride-2 conv + max-pool), which
+throws away most of a 28-64 px image; the CIFAR convention replaces that stem with a 3x3 stride-1
+conv and no max-pool (``model.small_stem=true``). The replacement is recorded in the exported
+metadata so that any loader can repeat it (docs/formats.md).
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+
+class ModelError(ValueError):
+    """A model-configuration problem, reported as one line."""
+
+
+def apply_small_stem(model: nn.Module) -> nn.Module:
+    """Replace a timm ResNet-style stem (conv1 [+bn1] + maxpool) by a 3x3 stride-1 conv."""
+    if not (hasattr(model, "conv1") and hasattr(model, "maxpool") and hasattr(model, "bn1")):
+        raise ModelError(f"model.small_stem applies to ResNet-style timm models (conv1, bn1, "
+                         f"maxpool); {type(model).__name__} has none: set model.small_stem=false")
+    first = model.conv1 if isinstance(model.conv1, nn.Conv2d) else model.conv1[0]
+    model.conv1 = nn.Conv2d(first.in_channels, model.bn1.num_features, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def create_backbone(name: str, kwargs: dict | None = None, small_stem: bool = False) -> nn.Module:
+    """A timm model without classifier (``num_classes=0``): ``model(x)`` gives pooled features."""
+    kwargs = {**(kwargs or {}), "num_classes": 0}
+    if not timm.is_model(name):
+        raise ModelError(f"model.name: unknown timm model {name!r} (see timm.list_models())")
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise ModelError(f"model.kwargs not accepted by timm model {name!r}: {e}") from None
+    if small_stem:
+        apply_small_stem(model)
+    return model
+
+
+def feature_dim(model: nn.Module) -> int:
+    return int(model.num_features)
+
+
+@torch.no_grad()
+def output_dim(model: nn.Module, input_size: int, in_chans: int = 3) -> int:
+    """Pooled feature size measured by a forward pass (robust to unusual timm heads)."""
+    was = model.training
+    model.eval()
+    out = model(torch.zeros(1, in_chans, input_size, input_size))
+    model.train(was)
+    return int(out.shape[-1])

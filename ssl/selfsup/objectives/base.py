@@ -1,0 +1,88 @@
+"""The objective interface and its registry.
+
+An objective is an ``nn.Module`` that owns everything a method adds on top of the backbone (heads,
+predictors, queues, momentum encoders, its augmentation) and turns a batch into a loss. The trainer
+supplies what every method shares: the backbone, the optimizer and schedules, EMA updates of the
+pairs an objective declares, checkpoints, logging and export. This mirrors solo-learn's base
+method with thin subclasses, without the subclasses owning the training loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, is_dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from selfsup.config import RecipeError
+
+_REGISTRY: dict[str, type["Objective"]] = {}
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "simclr"
+
+
+class Objective(nn.Module):
+    """Base class. Subclasses set ``Config`` (a dataclass with a ``name`` field) and implement
+    :meth:`forward`.
+
+    ``forward(batch, generator)`` receives the batch on the training device (``batch["image"]`` is
+    uint8, (B, 3, H, W)) and the trainer's augmentation RNG (a CPU ``torch.Generator`` that is
+    checkpointed, so resumed runs draw the same augmentations). It returns ``(loss, metrics)``
+    where ``metrics`` maps names to scalar tensors or floats, logged as they are.
+    """
+
+    Config: type = ObjectiveConfig
+    name: str = "base"
+    export_pool: str = "head"  # how selfsup-eval pools the exported backbone (docs/formats.md)
+
+    def __init__(self, cfg, backbone: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+
+    def forward(self, batch: dict, generator: torch.Generator):
+        raise NotImplementedError
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """``(online, target)`` module pairs the trainer updates by EMA after each optimizer
+        step (momentum encoders, I-JEPA's target encoder). Empty for most methods."""
+        return []
+
+    def momentum(self, progress: float) -> float | None:
+        """EMA momentum at ``progress`` in [0, 1] of training; None when there is no EMA."""
+        return None
+
+
+def register(name: str) -> Callable[[type[Objective]], type[Objective]]:
+    def deco(cls: type[Objective]) -> type[Objective]:
+        if name in _REGISTRY:
+            raise ValueError(f"objective {name!r} registered twice")
+        if not is_dataclass(cls.Config):
+            raise TypeError(f"{cls.__name__}.Config must be a dataclass")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def registered() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _lookup(name: str) -> type[Objective]:
+    if name not in _REGISTRY:
+        raise RecipeError(f"unknown objective.name {name!r}; registered: {', '.join(registered())}")
+    return _REGISTRY[name]
+
+
+def objective_config(name: str) -> type:
+    return _lookup(name).Config
+
+
+def build_objective(cfg, backbone: nn.Module) -> Objective:
+    return _lookup(cfg.objective.name)(cfg, backbone)

@@ -1,0 +1,256 @@
+"""The training loop: one code path for 1 CPU, 8 GPUs or many nodes (Hugging Face Accelerate).
+
+The trainer owns what all objectives share — optimizer, schedules, EMA, mixed precision, gradient
+accumulation and clipping, checkpoints and exact resume, preemption, logging, export — and calls
+the objective only through :class:`selfsup.objectives.Objective`. It never looks at the
+objective's name.
+
+Exact resume: N steps, then resume, then N steps gives the weights of 2N uninterrupted steps. The
+schedules are functions of the step, accelerate restores model/optimizer/RNG, and the checkpoint
+carries the augmentation RNG and the data stream's position (see :mod:`selfsup.data`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from omegaconf import OmegaConf
+from timm.optim import create_optimizer_v2
+from tqdm import tqdm
+
+from selfsup import checkpoint as ckpt
+from selfsup.config import RecipeError
+from selfsup.data import ShardLoader
+from selfsup.logs import MetricsLog
+from selfsup.models import create_backbone
+from selfsup.objectives import build_objective
+from selfsup.schedules import ema_update, lr_scheduler, scaled_lr, set_weight_decay
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint written, start me again"
+
+
+class Preempted(SystemExit):
+    def __init__(self):
+        super().__init__(REQUEUE_EXIT_CODE)
+
+
+def make_accelerator(cfg) -> Accelerator:
+    cpu = cfg.train.cpu or not torch.cuda.is_available()
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise RecipeError(f"train.precision must be auto, bf16 or fp32, not {precision!r}")
+    acc = Accelerator(cpu=cpu, mixed_precision="bf16" if precision == "bf16" else "no",
+                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != expected:
+        raise RuntimeError(f"WORLD_SIZE={expected} but accelerate started {acc.num_processes} "
+                           "process(es); on CPU launch with `torchrun --nproc_per_node N` "
+                           "(`accelerate launch --cpu` starts one process)")
+    return acc
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.acc = make_accelerator(cfg)
+        acc = self.acc
+        self.run_dir = Path(cfg.run.dir)
+        set_seed(cfg.run.seed)  # identical initial weights on every process
+        backbone = create_backbone(cfg.model.name, OmegaConf.to_container(cfg.model.kwargs),
+                                   cfg.model.small_stem)
+        objective = build_objective(cfg, backbone)
+        if cfg.model.channels_last:
+            objective = objective.to(memory_format=torch.channels_last)
+            backbone.register_forward_pre_hook(
+                lambda m, args: (args[0].contiguous(memory_format=torch.channels_last),) + args[1:])
+        if cfg.model.compile:
+            backbone.compile()
+        if acc.num_processes > 1 and acc.device.type == "cuda" and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                         for m in objective.modules()):
+            objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+
+        if not cfg.data.train:
+            raise RecipeError("data.train is not set: pass data.train=SHARDS (see docs/formats.md)")
+        self.loader = ShardLoader(cfg.data.train, batch_size=cfg.train.batch_size,
+                                  rank=acc.process_index, world_size=acc.num_processes,
+                                  num_workers=cfg.data.num_workers, seed=cfg.run.seed,
+                                  decode_size=cfg.data.decode_size,
+                                  shuffle_buffer=cfg.data.shuffle_buffer,
+                                  samples_per_epoch=cfg.data.samples_per_epoch)
+        accum = cfg.train.grad_accum
+        self.global_batch = cfg.train.batch_size * acc.num_processes * accum
+        steps_per_epoch = self.loader.batches_per_epoch / accum
+        self.total_steps = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * steps_per_epoch))
+        oc = cfg.optim
+        lr = scaled_lr(oc.lr, self.global_batch, oc.lr_scaling)
+        opt_kwargs = {"momentum": oc.momentum} if oc.name in ("sgd", "momentum", "lars", "nesterov") else {}
+        optimizer = create_optimizer_v2(objective, opt=oc.name, lr=lr, weight_decay=oc.weight_decay,
+                                        **opt_kwargs)
+        warmup = round(oc.warmup_epochs * steps_per_epoch)
+        self.scheduler = lr_scheduler(optimizer, self.total_steps, warmup, oc.warmup_lr, oc.min_lr)
+        self.model, self.optimizer = acc.prepare(objective, optimizer)
+        self.objective = acc.unwrap_model(self.model)
+        self.generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + acc.process_index)
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0,
+                      "corrupt_samples": 0}
+        self.positions: dict = {}
+        self._stop_signal = None
+
+    # ----------------------------------------------------------------------------- resume ----
+    def resume(self) -> None:
+        path = ckpt.resolve_resume(self.cfg.resume, self.run_dir)
+        if path is None:
+            return
+        state, rank_state = ckpt.load_checkpoint(self.acc, path)
+        self.state.update({k: state[k] for k in self.state if k in state})
+        if rank_state is None:  # different process count: restart the interrupted epoch's stream
+            self.acc.print(f"resume: {path} was written by {state.get('world_size')} processes; "
+                           "data position restarts at the current epoch")
+            self.state["batch_in_epoch"] = 0
+        else:
+            self.generator.set_state(rank_state["generator"])
+            self.positions = dict(rank_state["positions"])
+            if rank_state.get("num_workers") != self.cfg.data.num_workers:
+                self.state["batch_in_epoch"], self.positions = 0, {}
+        self.acc.print(f"resumed from {path} at step {self.state['step']}")
+
+    def save(self) -> Path:
+        state = {**self.state, "world_size": self.acc.num_processes,
+                 "total_steps": self.total_steps}
+        rank_state = {"generator": self.generator.get_state(), "positions": self.positions,
+                      "num_workers": self.cfg.data.num_workers}
+        path = ckpt.save_checkpoint(self.acc, self.run_dir, self.state["step"], state, rank_state,
+                                    self.cfg.checkpoint.keep)
+        self.export()
+        return path
+
+    def export(self) -> Path | None:
+        if not self.acc.is_main_process:
+            return None
+        cfg = self.cfg
+        meta = {"model_name": cfg.model.name,
+                "model_kwargs": {**OmegaConf.to_container(cfg.model.kwargs), "num_classes": 0},
+                "small_stem": cfg.model.small_stem, "input_size": cfg.augment.size,
+                "mean": list(cfg.augment.mean), "std": list(cfg.augment.std),
+                "feature_dim": int(self.objective.backbone.num_features),
+                "pool": self.objective.export_pool, "objective": self.objective.name,
+                "step": self.state["step"], "epoch": round(self.epochs_done(), 4),
+                "run": str(self.run_dir)}
+        return ckpt.export_backbone(self.objective.backbone, self.run_dir, meta)
+
+    def epochs_done(self) -> float:
+        return self.state["epoch"] + self.state["batch_in_epoch"] / self.loader.batches_per_epoch
+
+    # ------------------------------------------------------------------------------- data ----
+    def batches(self):
+        """Endless stream of this rank's batches; keeps the data position up to date."""
+        while True:
+            for batch in self.loader.epoch(self.state["epoch"], self.state["batch_in_epoch"],
+                                           self.positions):
+                self.state["batch_in_epoch"] += 1
+                self.positions[batch["role"]] = batch["drawn"]
+                yield batch
+            self.state["epoch"] += 1
+            self.state["batch_in_epoch"] = 0
+            self.positions = {}
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        """Any process got SIGTERM/SIGUSR1 → all stop at the same step (collective)."""
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.acc.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+
+    # ------------------------------------------------------------------------------- loop ----
+    def train(self) -> dict:
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, self.run_dir / "recipe.yaml")
+        self.resume()
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        log = MetricsLog(self.run_dir, enabled=acc.is_main_process)
+        accum, device = cfg.train.grad_accum, acc.device
+        data = self.batches()
+        bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not acc.is_main_process,
+                   desc=f"{self.objective.name} {cfg.run.dir}", dynamic_ncols=True)
+        window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "loss": 0.0, "corrupt": 0}
+        last = {}
+        while self.state["step"] < self.total_steps:
+            step = self.state["step"]
+            progress = step / self.total_steps
+            self.scheduler.step_update(step)
+            set_weight_decay(self.optimizer, cfg.optim.weight_decay, cfg.optim.weight_decay_end, progress)
+            for micro in range(accum):
+                t = time.perf_counter()
+                batch = next(data)
+                window["wait"] += time.perf_counter() - t
+                window["corrupt"] += batch.pop("corrupt")
+                batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                         for k, v in batch.items()}
+                sync = micro == accum - 1
+                with nullcontext() if sync else acc.no_sync(self.model):
+                    loss, metrics = self.model(batch, self.generator)
+                    acc.backward(loss / accum)
+                window["loss"] += loss.detach().float() / accum
+            if cfg.optim.clip_grad:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            momentum = self.objective.momentum(progress)
+            for online, target in self.objective.momentum_pairs():
+                ema_update(online, target, momentum)
+            self.state["step"] += 1
+            self.state["images_seen"] += self.global_batch
+            window["steps"] += 1
+            bar.update(1)
+            step = self.state["step"]
+            if step % cfg.train.log_every == 0 or step == self.total_steps:
+                last = self._log(log, bar, window, metrics, momentum)
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < self.total_steps:
+                self.save()
+            if self._stop_requested():
+                self.save()
+                acc.print(f"stopped by signal at step {step}; checkpoint written, exit "
+                          f"{REQUEUE_EXIT_CODE} (requeue)")
+                bar.close()
+                log.close()
+                raise Preempted()
+        bar.close()
+        self.save()
+        log.close()
+        acc.wait_for_everyone()
+        return last
+
+    def _log(self, log, bar, window, metrics, momentum) -> dict:
+        acc = self.acc
+        elapsed = time.perf_counter() - window["t0"]
+        n = window["steps"]
+        loss = acc.reduce(torch.as_tensor(window["loss"], device=acc.device).float(), "mean").item() / n
+        corrupt = int(acc.reduce(torch.tensor([window["corrupt"]], device=acc.device), "sum").item())
+        self.state["corrupt_samples"] += corrupt
+        record = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                  "epoch": round(self.epochs_done(), 4),
+                  "img_per_s": n * self.global_batch / elapsed,
+                  "data_wait": window["wait"] / elapsed,
+                  "corrupt_samples": self.state["corrupt_samples"],
+                  **{k: float(v) for k, v in metrics.items()}}
+        if momentum is not None:
+            record["momentum"] = momentum
+        log.log(self.state["step"], record)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
+                        ips=f"{record['img_per_s']:.0f}", wait=f"{record['data_wait']:.0%}")
+        window.update(t0=time.perf_counter(), wait=0.0, steps=0, loss=0.0, corrupt=0)
+        return record

@@ -1,0 +1,124 @@
+"""The training stream: shard split, equal batch counts, exact resume, corrupt samples."""
+
+import io
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_shards
+from selfsup.data import DataError, ShardLoader, split_shards
+
+
+@pytest.mark.parametrize("n_shards,world,workers", [(12, 2, 3), (7, 2, 2), (3, 2, 2), (1, 4, 1)])
+def test_split_covers_every_shard_exactly_once(n_shards, world, workers):
+    urls = [f"s{i}" for i in range(n_shards)]
+    samples_per_shard = 10
+    seen = Counter()
+    for rank in range(world):
+        for worker in range(workers):
+            mine, stride, offset = split_shards(urls, rank, world, worker, workers)
+            stream = [(u, k) for u in mine for k in range(samples_per_shard)]
+            seen.update(s for i, s in enumerate(stream) if i % stride == offset)
+    assert set(seen) == {(u, k) for u in urls for k in range(samples_per_shard)}
+    assert set(seen.values()) == {1}
+
+
+def keys_of(batches):
+    return [list(b["key"]) for b in batches]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_equal_batch_counts_on_every_rank(tmp_path, workers):
+    index = write_shards(tmp_path, n=53, shard_size=16)  # shards of 16, 16, 16, 5 samples
+    counts, all_keys = [], Counter()
+    for rank in range(2):
+        loader = ShardLoader(str(index), batch_size=4, rank=rank, world_size=2,
+                             num_workers=workers, seed=3, decode_size=16, shuffle_buffer=8)
+        batches = list(loader.epoch(0))
+        counts.append(len(batches))
+        for b in batches:
+            assert b["image"].shape == (4, 3, 16, 16) and b["image"].dtype == torch.uint8
+            all_keys.update(b["key"])
+    assert counts == [53 // 8, 53 // 8]
+    assert sum(all_keys.values()) == 48
+
+
+def test_epochs_reshuffle_and_seed_reproduces(tmp_path):
+    index = write_shards(tmp_path, n=64, shard_size=16)
+    a = ShardLoader(str(index), batch_size=8, num_workers=0, seed=1, decode_size=16, shuffle_buffer=16)
+    b = ShardLoader(str(index), batch_size=8, num_workers=0, seed=1, decode_size=16, shuffle_buffer=16)
+    e0, e1 = keys_of(a.epoch(0)), keys_of(a.epoch(1))
+    assert e0 == keys_of(b.epoch(0))
+    assert e0 != e1
+    assert sorted(sum(e0, [])) == sorted(sum(e1, []))  # 64 samples, 8 batches of 8: all used
+
+
+@pytest.mark.parametrize("workers,start", [(0, 3), (2, 3), (2, 4), (3, 5)])
+def test_resume_mid_epoch_gives_the_same_batches(tmp_path, workers, start):
+    index = write_shards(tmp_path, n=96, shard_size=12)
+    loader = ShardLoader(str(index), batch_size=6, num_workers=workers, seed=7, decode_size=16,
+                         shuffle_buffer=10)
+    full, positions = [], {}
+    for i, batch in enumerate(loader.epoch(2)):
+        full.append(batch)
+        if i < start:
+            positions[batch["role"]] = batch["drawn"]
+    resumed = list(loader.epoch(2, start_batch=start, positions=positions))
+    assert keys_of(resumed) == keys_of(full[start:])
+    for a, b in zip(resumed, full[start:]):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_labels_and_grayscale_become_three_channels(tmp_path):
+    from selfsup.shards import main as shards_main
+
+    images = np.stack([np.full((10, 12), 40 * i, np.uint8) for i in range(5)])  # N,H,W gray
+    np.savez(tmp_path / "g.npz", images=images, labels=np.arange(5))
+    shards_main([str(tmp_path / "g.npz"), str(tmp_path / "out"), "--split", "train"])
+    loader = ShardLoader(str(tmp_path / "out"), batch_size=5, num_workers=0, decode_size=10,
+                         shuffle_buffer=1)
+    (batch,) = list(loader.epoch(0))
+    assert batch["image"].shape == (5, 3, 10, 10)
+    for img, label in zip(batch["image"], batch["label"]):
+        assert torch.all(img == 40 * int(label))  # shorter side 10: centre crop 12 → 10, exact
+
+
+def _rewrite_member(tar_path, bad_key):
+    """Replace one sample's png by garbage bytes (an undecodable image)."""
+    members = []
+    with tarfile.open(tar_path) as tf:
+        for m in tf.getmembers():
+            members.append((m, tf.extractfile(m).read()))
+    with tarfile.open(tar_path, "w") as tf:
+        for m, data in members:
+            if m.name.startswith(bad_key) and m.name.endswith(".png"):
+                data = b"not a png at all"
+                m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    return [m.name for m, _ in members]
+
+
+def test_corrupt_and_truncated_samples_are_skipped_and_counted(tmp_path):
+    index = write_shards(tmp_path, n=32, shard_size=16)
+    shards = sorted(tmp_path.glob("train-*.tar"))
+    names = _rewrite_member(shards[0], "train-00000003")
+    assert any(n.startswith("train-00000003") for n in names)
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2 + 100])  # truncated mid-member
+    loader = ShardLoader(str(index), batch_size=4, num_workers=0, decode_size=16,
+                         shuffle_buffer=1, samples_per_epoch=16)
+    batches = list(loader.epoch(0))
+    keys = sum(keys_of(batches), [])
+    assert len(batches) == 4 and "train-00000003" not in keys
+    assert sum(b["corrupt"] for b in batches) >= 2  # the bad png and the truncated tar
+
+
+def test_bad_specs_are_one_line_errors(tmp_path):
+    with pytest.raises(DataError, match="data.train"):
+        ShardLoader(str(tmp_path / "missing"), batch_size=4)
+    index = write_shards(tmp_path / "s", n=8, shard_size=8)
+    with pytest.raises(DataError, match="less than one global batch"):
+        ShardLoader(str(index), batch_size=8, world_size=2)

@@ -1,0 +1,108 @@
+"""End-to-end trainer behaviour on tiny data: export format, metrics, exact resume, bad input."""
+
+import json
+import shutil
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import ROOT, write_shards
+from selfsup.cli import train_main
+
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+
+
+def train(run_dir, shards, *overrides):
+    return train_main([TINY, f"data.train={shards}", f"run.dir={run_dir}", *overrides])
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "export" / "backbone.safetensors"))
+
+
+def test_tiny_run_exports_a_backbone_plain_timm_can_load(tmp_path, shards):
+    run = tmp_path / "run"
+    assert train(run, shards, "train.max_steps=3") == 0
+    path = run / "export" / "backbone.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["selfsup"])
+    assert meta["model_name"] == "test_resnet" and meta["step"] == 3
+    assert meta["objective"] == "simclr" and meta["pool"] == "head" and meta["input_size"] == 16
+    assert meta["feature_dim"] == 96 and len(meta["mean"]) == 3 and meta["format"] == 1
+    model = timm.create_model(meta["model_name"], pretrained=False, **meta["model_kwargs"])
+    model.load_state_dict(load_file(str(path)))  # strict: no missing or extra keys
+    assert model.eval()(torch.zeros(2, 3, 16, 16)).shape == (2, 96)
+    assert (run / "export" / "backbone-step000000003.safetensors").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert {"loss", "lr", "img_per_s", "data_wait", "epoch", "corrupt_samples"} <= set(records[0])
+    assert (run / "recipe.yaml").read_text().count("test_resnet") == 1
+    # the lr follows the linear-scaling rule (1e-3 per 256 → 16/256 of it), then a cosine over 3 steps
+    base = 1e-3 * 16 / 256
+    assert [r["lr"] for r in records] == pytest.approx([base, base * 0.75, base * 0.25], rel=1e-6)
+
+
+def test_loss_falls_on_learnable_data(tmp_path):
+    index = write_shards(tmp_path / "s", n=128, shard_size=32)
+    run = tmp_path / "run"
+    assert train(run, index, "train.epochs=6", "train.batch_size=32", "optim.lr=1e-2") == 0
+    losses = [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1
+
+
+@pytest.mark.parametrize("workers,accum", [(0, 1), (2, 2)])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, shards, workers, accum):
+    common = ["train.max_steps=6", f"data.num_workers={workers}", f"train.grad_accum={accum}",
+              "checkpoint.every_steps=3", "checkpoint.keep=5", "augment.blur_p=0.5"]
+    full = tmp_path / "full"
+    assert train(full, shards, *common) == 0
+    half = tmp_path / "half"
+    (half / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-000000003", half / "checkpoints" / "step-000000003")
+    assert train(half, shards, *common, "resume=auto") == 0
+    a, b = weights(full), weights(half)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # and a run that does not resume from step 3 ends elsewhere (the test can fail)
+    other = tmp_path / "other"
+    assert train(other, shards, *common, "run.seed=1") == 0
+    assert any(not torch.equal(a[k], weights(other)[k]) for k in a)
+
+
+def test_resume_auto_ignores_half_written_checkpoints(tmp_path, shards):
+    run = tmp_path / "run"
+    assert train(run, shards, "train.max_steps=2", "checkpoint.every_steps=1", "checkpoint.keep=1") == 0
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step-000000002"]  # keep=1 pruned step 1
+    (run / "checkpoints" / ".tmp-step-000000003").mkdir()  # a write killed half-way
+    assert train(run, shards, "train.max_steps=3") == 0
+    assert json.loads((run / "checkpoints" / "step-000000003" / "trainer.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train.epochz=3"], "unknown recipe key 'train.epochz'"),
+    (["objective.tempreature=0.2"], "unknown recipe key 'objective.tempreature'"),
+    (["train.batch_size=many"], "train.batch_size"),
+    (["objective.name=byol"], "unknown objective.name 'byol'"),
+    (["model.name=resnet_9000"], "unknown timm model 'resnet_9000'"),
+    (["resume=/nonexistent/ckpt"], "is not a selfsup checkpoint directory"),
+])
+def test_bad_recipe_input_is_one_clear_line(tmp_path, shards, capsys, args, message):
+    assert train(tmp_path / "run", shards, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("selfsup-train: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("make_spec,message", [
+    (lambda p: str(p / "missing"), "missing"),
+    (lambda p: (p / "empty").mkdir() or str(p / "empty"), "empty"),
+])
+def test_bad_shard_paths_are_one_clear_line(tmp_path, capsys, make_spec, message):
+    assert train(tmp_path / "run", make_spec(tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("selfsup-train: error: data.train:") and message in err and "\n" not in err
