@@ -176,6 +176,7 @@ def load_recipe(paths, overrides: list[str] = ()) -> DictConfig:
     OmegaConf.set_struct(schema, False)
     schema.objective = OmegaConf.structured(objective_config(name))
     OmegaConf.set_struct(schema, True)
+    OmegaConf.set_struct(schema.model.kwargs, False)  # free-form: passed to timm.create_model
     try:
         cfg = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as e:

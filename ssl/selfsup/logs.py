@@ -29,7 +29,7 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time(), 3),
-                  **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+                  **{k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in metrics.items():
