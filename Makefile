@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DATA   := data/fashion-mnist
 RUN    := runs/demo
 # Where the Debian package dataset-fashion-mnist puts the idx files (override with FMNIST_DIR=...).
-FMNIST_DIR ?= /usr/share/fashion-mnist
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
 .PHONY: demo test venv fmnist shards clean bench

@@ -31,6 +31,7 @@ from selfsup.config import RecipeError
 from selfsup.data import ShardLoader
 from selfsup.logs import MetricsLog
 from selfsup.models import create_backbone
+from selfsup.monitor import Monitor
 from selfsup.objectives import build_objective
 from selfsup.schedules import ema_update, lr_scheduler, scaled_lr, set_weight_decay
 
@@ -105,6 +106,7 @@ class Trainer:
                       "corrupt_samples": 0}
         self.positions: dict = {}
         self._stop_signal = None
+        self.monitor = Monitor(cfg, acc.device)
 
     # ----------------------------------------------------------------------------- resume ----
     def resume(self) -> None:
@@ -219,6 +221,10 @@ class Trainer:
             step = self.state["step"]
             if step % cfg.train.log_every == 0 or step == self.total_steps:
                 last = self._log(log, bar, window, metrics, momentum)
+            if self.monitor.due(step):
+                if acc.is_main_process:
+                    log.log(step, self.monitor.run(self.objective.backbone))
+                acc.wait_for_everyone()
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < self.total_steps:
                 self.save()
             if self._stop_requested():

@@ -1,0 +1,94 @@
+"""Online monitor: k-NN accuracy and collapse indicators while training.
+
+Every ``monitor.every_steps`` optimizer steps the main process embeds a fixed labelled subset of
+``monitor.train`` and ``monitor.val`` (default ``data.train``/``data.val``) with the backbone in
+eval mode and logs
+
+* ``monitor/knn_top1``: weighted k-NN top-1 (the same code as ``selfsup-eval knn``), a cheap
+  early signal of representation quality (needs labels);
+* ``monitor/feature_std``: mean per-dimension std of the L2-normalised features. Collapse to a
+  point drives it to 0; a spread-out representation sits near 1/sqrt(D);
+* ``monitor/rankme``: effective rank of the feature matrix (Garrido et al., RankMe), exp of the
+  entropy of its normalised singular values. Dimensional collapse shows as a falling rank.
+
+The numbers are offline-protocol-like (centre crop, no augmentation) but on a subset; the full
+protocol is ``selfsup-eval``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from selfsup.data import ShardLoader
+
+
+def collapse_metrics(features: torch.Tensor) -> dict[str, float]:
+    z = F.normalize(features.float(), dim=1)
+    s = torch.linalg.svdvals(z)
+    p = s / s.sum() + 1e-12
+    return {"feature_std": z.std(0).mean().item(),
+            "rankme": torch.exp(-(p * p.log()).sum()).item()}
+
+
+class Monitor:
+    def __init__(self, cfg, device):
+        mc = cfg.monitor
+        self.every = mc.every_steps
+        self.train_spec = mc.train or cfg.data.train
+        self.val_spec = mc.val or cfg.data.val
+        self.enabled = bool(self.every) and bool(self.val_spec)
+        self.cfg, self.device = cfg, device
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def due(self, step: int) -> bool:
+        return self.enabled and step % self.every == 0
+
+    def _images(self, spec: str, key: str):
+        """A fixed subset (first ``max_samples`` of an unshuffled pass), decoded once."""
+        if spec not in self._cache:
+            cfg = self.cfg
+            loader = ShardLoader(spec, batch_size=min(256, cfg.monitor.max_samples), num_workers=0,
+                                 seed=0, decode_size=cfg.data.decode_size, shuffle_buffer=1,
+                                 samples_per_epoch=None, key=key)
+            n = min(cfg.monitor.max_samples, loader.samples_per_epoch)
+            loader = ShardLoader(spec, batch_size=min(256, n), num_workers=0, seed=0,
+                                 decode_size=cfg.data.decode_size, shuffle_buffer=1,
+                                 samples_per_epoch=n, key=key)
+            batches = list(loader.epoch(0))
+            self._cache[spec] = (torch.cat([b["image"] for b in batches]),
+                                 torch.cat([b["label"] for b in batches]))
+        return self._cache[spec]
+
+    @torch.no_grad()
+    def _embed(self, backbone, images: torch.Tensor) -> torch.Tensor:
+        aug = self.cfg.augment
+        mean = torch.tensor(aug.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(aug.std, device=self.device).view(1, -1, 1, 1)
+        out = []
+        for chunk in images.split(256):
+            x = chunk.to(self.device).float() / 255
+            if x.shape[-1] != aug.size:
+                x = F.interpolate(x, size=(aug.size, aug.size), mode="bilinear",
+                                  antialias=True, align_corners=False)
+            out.append(backbone((x - mean) / std).float())
+        return torch.cat(out)
+
+    def run(self, backbone: torch.nn.Module) -> dict[str, float]:
+        from selfsup_eval.knn import knn_classify
+
+        mc = self.cfg.monitor
+        train_x, train_y = self._images(self.train_spec, "monitor.train")
+        val_x, val_y = self._images(self.val_spec, "monitor.val")
+        was = backbone.training
+        backbone.eval()
+        try:
+            ftrain, fval = self._embed(backbone, train_x), self._embed(backbone, val_x)
+        finally:
+            backbone.train(was)
+        k = min(mc.k, len(ftrain))
+        pred = knn_classify(ftrain, train_y.to(self.device), fval, ks=(k,),
+                            temperature=mc.temperature)[k]
+        top1 = (pred[:, 0].cpu() == val_y).float().mean().item()
+        return {"monitor/knn_top1": top1, **{f"monitor/{k_}": v for k_, v in
+                                             collapse_metrics(fval).items()}}
