@@ -132,27 +132,31 @@ class ShardStream(IterableDataset):
         done = len(range(role, p.start_batch, p.num_workers))
         return total - done
 
-    def _raw_samples(self, role: int) -> Iterator[dict]:
-        """Endless stream of raw (undecoded) samples of this role, reshuffling shards per pass."""
+    def _samples(self, role: int, rng: random.Random) -> Iterator[dict]:
+        """Endless stream of this role's raw (undecoded) samples: pass after pass over its
+        shards, each pass buffer-shuffled and drained before the next, so that one pass uses
+        every sample exactly once; shards are reshuffled for every further pass."""
         p = self.plan
         urls = list(p.urls)
         random.Random(p.seed * 1_000_003 + p.epoch).shuffle(urls)  # same order on every role
         mine, stride, offset = split_shards(urls, p.rank, p.world_size, role, p.num_workers)
         stats = self.stats
+
+        def handler(exc: Exception) -> bool:
+            stats["corrupt"] += 1
+            return True
+
+        def one_pass():
+            stream = tarfile_samples(({"url": u} for u in mine), handler=handler)
+            return (s for i, s in enumerate(stream) if i % stride == offset)
+
         for rnd in range(1 << 30):
             if rnd:
                 random.Random(hash((p.seed, p.epoch, p.rank, role, rnd))).shuffle(mine)
             seen = 0
-
-            def handler(exc: Exception) -> bool:
-                stats["corrupt"] += 1
-                return True
-
-            stream = tarfile_samples(({"url": u} for u in mine), handler=handler)
-            for i, sample in enumerate(stream):
-                if i % stride == offset:
-                    seen += 1
-                    yield sample
+            for sample in _shuffle(one_pass(), p.shuffle_buffer, rng):
+                seen += 1
+                yield sample
             if seen == 0:
                 raise DataError(f"no samples could be read from {len(mine)} shard(s), "
                                 f"e.g. {mine[0]}: check data.train")
@@ -162,7 +166,7 @@ class ShardStream(IterableDataset):
         role = self._role()
         self.stats = {"corrupt": 0}
         rng = random.Random(hash((p.seed, p.epoch, p.rank, role)))
-        shuffled = _shuffle(self._raw_samples(role), p.shuffle_buffer, rng)
+        shuffled = self._samples(role, rng)
         drawn = 0
         skip = (p.positions or {}).get(role, 0) if p.start_batch else 0
         for _ in range(skip):  # fast-forward past samples used before the checkpoint

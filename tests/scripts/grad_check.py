@@ -17,10 +17,11 @@ def main(recipe, out, loss, global_batch=8):
                                f"objective.loss={loss}", "objective.proj_hidden_dim=32"])
     acc = make_accelerator(cfg)
     torch.manual_seed(0)
-    model = acc.prepare(build_objective(cfg, create_backbone(cfg.model.name)))
+    # float64, so that the comparison measures the gather logic, not float32 summation order
+    model = acc.prepare(build_objective(cfg, create_backbone(cfg.model.name)).double())
     g = torch.Generator().manual_seed(123)
-    v0 = torch.randn(global_batch, 3, 16, 16, generator=g)
-    v1 = torch.randn(global_batch, 3, 16, 16, generator=g)
+    v0 = torch.randn(global_batch, 3, 32, 32, generator=g, dtype=torch.float64)
+    v1 = torch.randn(global_batch, 3, 32, 32, generator=g, dtype=torch.float64)
     per = global_batch // acc.num_processes
     sl = slice(acc.process_index * per, (acc.process_index + 1) * per)
     loss_value, _ = model({"views": [v0[sl], v1[sl]]}, None)

@@ -77,7 +77,8 @@ class SimCLR(Objective):
     def loss_from_views(self, v0: torch.Tensor, v1: torch.Tensor):
         """Loss of two augmented view batches: one backbone pass over both views."""
         oc = self.cfg.objective
-        z0, z1 = self.embed(torch.cat([v0, v1])).float().chunk(2)
+        z = self.embed(torch.cat([v0, v1]))
+        z0, z1 = z.to(torch.promote_types(z.dtype, torch.float32)).chunk(2)  # loss in >= fp32
         loss = contrastive_loss(z0, z1, oc.loss, oc.temperature, oc.sigma, gather_distributed=True)
         with torch.no_grad():
             n0, n1 = torch.nn.functional.normalize(z0, dim=1), torch.nn.functional.normalize(z1, dim=1)
