@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GRAY = (0.299, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+GRAY = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale weights
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
