@@ -107,24 +107,26 @@ def extract(backbone: Backbone, urls: list[str], *, batch_size: int = 256, devic
         batch.clear(), meta.clear()
 
     bar = tqdm(desc=desc, unit="img", disable=rank != 0)
-    for i, key, label, data in iter_samples(urls, counter):
-        if i % world != rank:
-            continue
-        if label is None:
-            raise EvalError(f"sample {key} in {desc or 'the shards'} has no 'cls' label: "
-                            "k-NN and linear probes need labelled shards")
-        try:
-            batch.append(preprocess(data, size))
-        except Exception:
-            counter["corrupt"] += 1
-            continue
-        meta.append((i, key, label))
-        bar.update(1)
-        if len(batch) == batch_size:
+    try:
+        for i, key, label, data in iter_samples(urls, counter):
+            if i % world != rank:
+                continue
+            if label is None:
+                raise EvalError(f"sample {key} in {desc or 'the shards'} has no 'cls' label: "
+                                "k-NN and linear probes need labelled shards")
+            try:
+                batch.append(preprocess(data, size))
+            except Exception:  # undecodable image: skipped and counted
+                counter["corrupt"] += 1
+                continue
+            meta.append((i, key, label))
+            bar.update(1)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
-    bar.close()
+    finally:
+        bar.close()
     feats = torch.cat(out["features"]) if out["features"] else torch.zeros(0, 0)
     parts = {**out, "features": feats, "corrupt": counter["corrupt"]}
     if world > 1:
