@@ -44,8 +44,10 @@ $(DATA)/test.json: | $(STAMP) fmnist
 shards: $(DATA)/train.json $(DATA)/test.json
 
 demo: shards
-	$(BIN)/selfsup-train recipes/demo_fmnist.yaml run.dir=$(RUN) resume=none
-	$(BIN)/selfsup-eval all raw-pixels $(RUN) --train $(DATA)/train.json --val $(DATA)/test.json \
+	rm -rf $(RUN)
+	$(BIN)/selfsup-train recipes/demo_fmnist.yaml run.dir=$(RUN)
+	$(BIN)/selfsup-eval all --baseline raw-pixels $(RUN)/export/backbone.safetensors \
+	  --train $(DATA)/train.json --val $(DATA)/test.json \
 	  --k 20 200 --out $(RUN)/eval
 
 bench: $(STAMP)

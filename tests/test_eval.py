@@ -133,13 +133,14 @@ def test_all_on_a_run_directory_writes_ordered_results_and_plot(tmp_path, data, 
     for step in (20, 5):
         export(tmp_path, step=step, seed=step)
     out = tmp_path / "out"
-    rc = main(["all", "raw-pixels", str(tmp_path / "run"), "--train", str(data[0]), "--val", str(data[1]),
+    rc = main(["all", "--baseline", "raw-pixels", str(tmp_path / "run"), "--train", str(data[0]), "--val", str(data[1]),
                "--k", "3", "10", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
     assert rc == 0
     records = json.loads((out / "results.json").read_text())
     assert [r["step"] for r in records] == [0, 5, 20] and records[0]["path"] == "raw-pixels"
     assert set(records[1]["knn"]) == {"k=3", "k=10"} and 0 <= records[1]["linear"]["top1"] <= 1
     assert records[0]["knn"]["k=3"] > 0.9  # the blobs are separable in pixel space
+    assert "linear" not in records[0]  # a baseline gets k-NN only
     assert (out / "results.csv").read_text().count("\n") == 4 and (out / "accuracy_vs_step.png").stat().st_size > 1000
     shown = capsys.readouterr().out
     assert "protocol:" in shown and "cached features, no augmentation" in shown

@@ -33,6 +33,8 @@ def parse(argv):
     p.add_argument("--val", required=True, help="labelled val shards")
     p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
     p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--baseline", action="append", default=[], metavar="CHECKPOINT",
+                   help="evaluated by k-NN only and listed first (e.g. raw-pixels); repeatable")
     p.add_argument("--out", help="directory for results.json, results.csv, accuracy_vs_step.png")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--raw-size", type=int, default=None, help="resize raw-pixels inputs to this side")
@@ -60,7 +62,8 @@ def evaluate(args) -> list[dict]:
                         f"vs {len(val.class_names)} classes): write both splits from the same source")
     cache = None if args.no_cache else args.cache_dir
     records = []
-    for path in expand_checkpoints(args.checkpoints):
+    baselines = expand_checkpoints(args.baseline)
+    for path in baselines + expand_checkpoints(args.checkpoints):
         bb = load_backbone(path, args.raw_size)
         kw = dict(batch_size=args.batch_size, device=args.device)
         ftrain = cached_features(bb, train.urls, cache, desc=f"{bb.name} train", **kw)
@@ -83,7 +86,7 @@ def evaluate(args) -> list[dict]:
             record["knn"] = {f"k={k}": topk_accuracy(r, fval["label"], 1) for k, r in ranked.items()}
             record["knn_top5"] = {f"k={k}": topk_accuracy(r, fval["label"], 5) for k, r in ranked.items()}
             record["knn_temperature"] = args.temperature
-        if args.mode in ("linear", "all") and rank == 0:
+        if args.mode in ("linear", "all") and rank == 0 and path not in baselines:
             record["linear"] = linear_probe(ftrain["features"], ftrain["label"], fval["features"],
                                             fval["label"], device=args.device)
         records.append(record)
