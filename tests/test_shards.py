@@ -124,6 +124,7 @@ def test_resolve_every_spec_form(two_splits):
 def test_resolve_errors_name_the_problem(two_splits, tmp_path):
     with pytest.raises(ShardSpecError, match="several shard indexes .*train.json, val.json"):
         resolve_shards(str(two_splits))
+    assert resolve_shards(str(two_splits), prefer=("val", "test")).urls[0].endswith("val-000000.tar")
     with pytest.raises(ShardSpecError, match="no such file or directory"):
         resolve_shards(str(tmp_path / "nope"))
     with pytest.raises(ShardSpecError, match="do not exist"):

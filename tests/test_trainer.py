@@ -106,3 +106,25 @@ def test_bad_shard_paths_are_one_clear_line(tmp_path, capsys, make_spec, message
     assert train(tmp_path / "run", make_spec(tmp_path)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("selfsup-train: error: data.train:") and message in err and "\n" not in err
+
+
+def test_online_monitor_logs_knn_and_collapse_indicators(tmp_path):
+    from selfsup.monitor import collapse_metrics
+
+    write_shards(tmp_path / "s", n=64, split="train", shard_size=32)
+    write_shards(tmp_path / "s", n=24, split="val", shard_size=32, seed=1)
+    run = tmp_path / "run"  # data.train=DIR with train.json + val.json: the train split is used
+    assert train(run, tmp_path / "s", "train.max_steps=4", "monitor.every_steps=2",
+                 f"data.val={tmp_path / 's'}", "monitor.k=5") == 0
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    mon = [r for r in records if "monitor/knn_top1" in r]
+    assert [r["step"] for r in mon] == [2, 4]
+    assert all(0 <= r["monitor/knn_top1"] <= 1 and r["monitor/rankme"] >= 1 for r in mon)
+    # the indicators themselves: a collapsed (rank-1) set vs an isotropic one
+    g = torch.Generator().manual_seed(0)
+    collapsed = torch.randn(200, 1, generator=g) * torch.randn(1, 32, generator=g)
+    spread = torch.randn(200, 32, generator=g)
+    assert collapse_metrics(collapsed)["rankme"] == pytest.approx(1.0, abs=0.01)
+    assert collapse_metrics(spread)["rankme"] > 25
+    assert collapse_metrics(spread)["feature_std"] == pytest.approx(32 ** -0.5, rel=0.1)
+    assert collapse_metrics(torch.ones(50, 32))["feature_std"] < 1e-6

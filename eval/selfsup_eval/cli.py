@@ -49,7 +49,7 @@ def shard_urls(spec: str, what: str):
     from selfsup.shards import ShardSpecError, resolve_shards
 
     try:
-        return resolve_shards(spec)
+        return resolve_shards(spec, ("train",) if what == "train" else ("val", "test"))
     except ShardSpecError as e:
         raise EvalError(f"--{what}: {e}") from None
 

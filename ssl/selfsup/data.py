@@ -199,9 +199,9 @@ class ShardLoader:
     def __init__(self, spec: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 2, seed: int = 0, decode_size: int = 32,
                  shuffle_buffer: int = 2000, samples_per_epoch: int | None = None,
-                 key: str = "data.train"):
+                 key: str = "data.train", prefer: tuple = ("train",)):
         try:
-            self.shards: ShardSet = resolve_shards(spec)
+            self.shards: ShardSet = resolve_shards(spec, prefer)
         except ValueError as e:
             raise DataError(f"{key}: {e}") from None
         total = samples_per_epoch or self.shards.num_samples

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from selfsup.data import ShardLoader
+from selfsup.data import DataError, ShardLoader
+from selfsup.shards import resolve_shards
 
 
 def collapse_metrics(features: torch.Tensor) -> dict[str, float]:
@@ -39,26 +40,34 @@ class Monitor:
         self.val_spec = mc.val or cfg.data.val
         self.enabled = bool(self.every) and bool(self.val_spec)
         self.cfg, self.device = cfg, device
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict = {}
+        if self.enabled:  # fail at start, not hours into the run
+            for spec, key, prefer in ((self.train_spec, "monitor.train", ("train",)),
+                                      (self.val_spec, "monitor.val", ("val", "test"))):
+                try:
+                    resolve_shards(spec, prefer)
+                except ValueError as e:
+                    raise DataError(f"{key}: {e}") from None
 
     def due(self, step: int) -> bool:
         return self.enabled and step % self.every == 0
 
-    def _images(self, spec: str, key: str):
+    def _images(self, spec: str, key: str, prefer: tuple):
         """A fixed subset (first ``max_samples`` of an unshuffled pass), decoded once."""
-        if spec not in self._cache:
+        if (spec, prefer) not in self._cache:
             cfg = self.cfg
-            loader = ShardLoader(spec, batch_size=min(256, cfg.monitor.max_samples), num_workers=0,
-                                 seed=0, decode_size=cfg.data.decode_size, shuffle_buffer=1,
-                                 samples_per_epoch=None, key=key)
-            n = min(cfg.monitor.max_samples, loader.samples_per_epoch)
+            try:
+                known = resolve_shards(spec, prefer).num_samples
+            except ValueError as e:
+                raise DataError(f"{key}: {e}") from None
+            n = min(cfg.monitor.max_samples, known or cfg.monitor.max_samples)
             loader = ShardLoader(spec, batch_size=min(256, n), num_workers=0, seed=0,
                                  decode_size=cfg.data.decode_size, shuffle_buffer=1,
-                                 samples_per_epoch=n, key=key)
+                                 samples_per_epoch=n, key=key, prefer=prefer)
             batches = list(loader.epoch(0))
-            self._cache[spec] = (torch.cat([b["image"] for b in batches]),
+            self._cache[spec, prefer] = (torch.cat([b["image"] for b in batches]),
                                  torch.cat([b["label"] for b in batches]))
-        return self._cache[spec]
+        return self._cache[spec, prefer]
 
     @torch.no_grad()
     def _embed(self, backbone, images: torch.Tensor) -> torch.Tensor:
@@ -78,8 +87,8 @@ class Monitor:
         from selfsup_eval.knn import knn_classify
 
         mc = self.cfg.monitor
-        train_x, train_y = self._images(self.train_spec, "monitor.train")
-        val_x, val_y = self._images(self.val_spec, "monitor.val")
+        train_x, train_y = self._images(self.train_spec, "monitor.train", ("train",))
+        val_x, val_y = self._images(self.val_spec, "monitor.val", ("val", "test"))
         was = backbone.training
         backbone.eval()
         try:

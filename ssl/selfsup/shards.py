@@ -55,7 +55,7 @@ def _from_index(path: Path, spec: str) -> ShardSet:
     return ShardSet(urls, sum(sizes), sizes, index.get("class_names"), spec)
 
 
-def _resolve_one(spec: str) -> ShardSet:
+def _resolve_one(spec: str, prefer: tuple = ()) -> ShardSet:
     if spec.startswith(("pipe:", "http://", "https://", "gs://", "s3://")):
         return ShardSet(list(braceexpand(spec)), None, None, None, spec)
     path = Path(spec)
@@ -79,6 +79,9 @@ def _resolve_one(spec: str) -> ShardSet:
         return ShardSet([str(path)], None, None, None, spec)
     if path.is_dir():
         indexes = sorted(path.glob("*.json"))
+        preferred = [path / f"{name}.json" for name in prefer if (path / f"{name}.json").is_file()]
+        if len(indexes) > 1 and preferred:  # e.g. data.train=DIR with DIR/{train,test}.json
+            return _from_index(preferred[0], spec)
         if len(indexes) == 1:
             return _from_index(indexes[0], spec)
         if len(indexes) > 1:
@@ -93,14 +96,16 @@ def _resolve_one(spec: str) -> ShardSet:
                          ".json, a brace pattern, or a pipe:/http(s) URL)")
 
 
-def resolve_shards(spec: str) -> ShardSet:
+def resolve_shards(spec: str, prefer: tuple = ()) -> ShardSet:
     """Shard specification → urls (+ counts and class names when an index is known).
 
     Several specifications can be joined with ``::``; counts are known only if known for all.
+    ``prefer`` names splits to pick when a directory holds several indexes (``("train",)`` for
+    training data), so that ``DIR`` works for a folder with ``train.json`` and ``test.json``.
     """
     if not spec:
         raise ShardSpecError("empty shard specification")
-    parts = [_resolve_one(s) for s in str(spec).split("::")]
+    parts = [_resolve_one(s, tuple(prefer)) for s in str(spec).split("::")]
     if len(parts) == 1:
         return parts[0]
     known = all(p.shard_sizes is not None for p in parts)
