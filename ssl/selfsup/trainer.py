@@ -161,6 +161,9 @@ class Trainer:
                                            self.positions):
                 self.state["batch_in_epoch"] += 1
                 self.positions[batch["role"]] = batch["drawn"]
+                # epochs completed before this batch (fractional): for objectives with warm-ups
+                batch["epoch"] = (self.state["epoch"] + (self.state["batch_in_epoch"] - 1)
+                                  / self.loader.batches_per_epoch)
                 yield batch
             self.state["epoch"] += 1
             self.state["batch_in_epoch"] = 0

@@ -8,5 +8,6 @@ decorated by ``@register("NAME")`` and import it below.
 from selfsup.objectives.base import Objective, build_objective, objective_config, register, registered
 
 from selfsup.objectives import simclr  # noqa: E402,F401  (registers "simclr")
+from selfsup.objectives import moco  # noqa: E402,F401  (registers "moco")
 
 __all__ = ["Objective", "build_objective", "objective_config", "register", "registered"]

@@ -31,7 +31,8 @@ class Objective(nn.Module):
 
     ``forward(batch, generator)`` receives the batch on the training device (``batch["image"]`` is
     uint8, (B, 3, H, W)) and the trainer's augmentation RNG (a CPU ``torch.Generator`` that is
-    checkpointed, so resumed runs draw the same augmentations). It returns ``(loss, metrics)``
+    checkpointed, so resumed runs draw the same augmentations). ``batch["epoch"]`` (float) is the
+    number of epochs completed before this batch, for warm-ups (MoCHi). It returns ``(loss, metrics)``
     where ``metrics`` maps names to scalar tensors or floats, logged as they are.
     """
 

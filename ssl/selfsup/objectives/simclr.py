@@ -8,21 +8,33 @@ the single-process gradient of the same global batch; tested in ``tests/test_dis
 Conventions (see ../shared/methods.md §1): embeddings are L2-normalised inside the loss; the two
 directions are averaged (lightly), not summed (raminnakhli's reference, which doubles the
 effective lr); DCLW's weights are detached and use the *local* batch size N when gathering.
+
+MoCHi (``objective.mochi``) and the Hallucinator (``objective.hallucinator``) need per-anchor extra
+negatives and same-instance masks, which lightly's losses cannot take; when either is on, the same
+loss is computed by :func:`selfsup.losses.contrastive_logits_loss` over
+:func:`selfsup.losses.pair_similarities` (equal to lightly's without extras, tested). MoCHi's pool
+is then the in-batch negatives of every process, 2·B_global − 2 per anchor, so ``mochi.n`` must not
+exceed that (methods.md §2.5.1). With both off the lightly path below runs unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 from lightly.loss import DCLLoss, DCLWLoss, NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
+from lightly.utils import dist
 from omegaconf import OmegaConf
 
 from selfsup.augment import BatchAugment
 from selfsup.config import RecipeError
+from selfsup.losses import check_loss, contrastive_logits_loss, pair_similarities
 from selfsup.objectives.base import Objective, register
+from selfsup.objectives.hallucinator import Hallucinator, HallucinatorConfig, check_hallucinator
+from selfsup.objectives.mixing import HardNegativeMixer, MochiConfig, check_mochi
 
 LOSSES = ("infonce", "dcl", "dclw")
 
@@ -62,31 +74,64 @@ class SimCLR(Objective):
         proj_dim: int = 128
         proj_layers: int = 2
         proj_batch_norm: bool = True
+        mochi: MochiConfig = field(default_factory=MochiConfig)
+        hallucinator: HallucinatorConfig = field(default_factory=HallucinatorConfig)
 
     def __init__(self, cfg, backbone):
         super().__init__(cfg, backbone)
         oc = cfg.objective
-        _loss_module(oc.loss, oc.temperature, oc.sigma, True)  # validate the name early
+        check_loss(oc.loss, oc.temperature, oc.sigma)  # one-line errors for bad values, early
+        rows = 2 if oc.hallucinator.enabled else 1  # rows per image and view: z (and h)
+        global_batch = cfg.train.batch_size * dist.world_size()
+        check_mochi(oc.mochi, 2 * rows * (global_batch - 1), "in-batch negatives")  # own rows masked
+        check_hallucinator(oc.hallucinator)
         self.augment = BatchAugment(**OmegaConf.to_container(cfg.augment))
         self.head = SimCLRProjectionHead(backbone.num_features, oc.proj_hidden_dim, oc.proj_dim,
                                          oc.proj_layers, oc.proj_batch_norm)
+        self.mixer = HardNegativeMixer(oc.mochi)
+        self.hallucinator = (Hallucinator.from_config(oc.hallucinator, oc.proj_dim)
+                             if oc.hallucinator.enabled else None)
 
     def embed(self, views: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(views))
 
-    def loss_from_views(self, v0: torch.Tensor, v1: torch.Tensor):
+    def loss_from_views(self, v0: torch.Tensor, v1: torch.Tensor, generator=None,
+                        epoch: float = math.inf):
         """Loss of two augmented view batches: one backbone pass over both views."""
         oc = self.cfg.objective
         z = self.embed(torch.cat([v0, v1]))
         z0, z1 = z.to(torch.promote_types(z.dtype, torch.float32)).chunk(2)  # loss in >= fp32
-        loss = contrastive_loss(z0, z1, oc.loss, oc.temperature, oc.sigma, gather_distributed=True)
+        metrics = {}
+        if self.hallucinator is None and not self.mixer.active(epoch):
+            loss = contrastive_loss(z0, z1, oc.loss, oc.temperature, oc.sigma, gather_distributed=True)
+        else:
+            loss = self.composed_loss(z0, z1, generator, epoch, metrics)
         with torch.no_grad():
             n0, n1 = torch.nn.functional.normalize(z0, dim=1), torch.nn.functional.normalize(z1, dim=1)
-            metrics = {"pos_sim": (n0 * n1).sum(1).mean(), "z_std": n0.std(0).mean()}
+            metrics.update(pos_sim=(n0 * n1).sum(1).mean(), z_std=n0.std(0).mean())
         return loss, metrics
 
+    def composed_loss(self, z0, z1, generator, epoch, metrics) -> torch.Tensor:
+        """The same loss through the similarity-level path, with hallucinated positives (queries
+        ``[z0; h]``, keys ``[z1; z1]``, an image's rows never its own negatives) and/or mixed hard
+        negatives as extra per-anchor logits."""
+        oc = self.cfg.objective
+        instance = None
+        if self.hallucinator is not None:
+            h, metrics["halluc_lambda"] = self.hallucinator(z0, z1, generator)
+            instance = torch.arange(len(z0), device=z0.device).repeat(2)
+            z0, z1 = torch.cat([z0, h]), torch.cat([z1, z1])
+        anchors, pos, neg, pool = pair_similarities(z0, z1, instance, gather_distributed=True)
+        extra = None
+        if self.mixer.active(epoch):
+            extra, mixed = self.mixer.extra_similarities(anchors, pool, neg, generator)
+            metrics["mochi_hard_sim"] = neg.detach().gather(1, mixed.hard).mean()
+        return contrastive_logits_loss(pos, neg, extra, oc.loss, oc.temperature, oc.sigma)
+
     def forward(self, batch, generator):
+        epoch = batch.get("epoch", math.inf)  # the trainer sets it; callers without it get mixing
         if "views" in batch:  # views made elsewhere (a CPU transform pipeline, a test)
-            return self.loss_from_views(*batch["views"])
+            return self.loss_from_views(*batch["views"], generator=generator, epoch=epoch)
         images = batch["image"]
-        return self.loss_from_views(self.augment(images, generator), self.augment(images, generator))
+        return self.loss_from_views(self.augment(images, generator), self.augment(images, generator),
+                                    generator=generator, epoch=epoch)

@@ -1,0 +1,85 @@
+"""The Hallucinator (Wu, Hobbs, Hovakimyan, ICCV 2023): extra positives made in projection space,
+as a piece any contrastive objective switches on from its recipe (``objective.hallucinator.*``;
+methods.md §5).
+
+For a query projection q and its positive key k (the other view of the same image):
+
+    ĥ = (1 + λ)·q − λ·k,   λ ~ U(0, λmax), one λ per step (the official ``random.uniform``)
+    h = MLP([q ; ĥ])        Linear(2d, H)–ReLU–Linear(H, H)–ReLU–Linear(H, d), H = 2d by default
+
+ĥ extrapolates q *away* from its key (a harder positive), the MLP smooths it; h is a new query
+whose positive is the same k. The objective then contrasts queries ``[q; h]`` with keys
+``[k; k]``. The MLP is an ordinary sub-module of the objective, so the optimizer trains it with the
+same contrastive loss (there is no separate loss). As in the official code the generator works on
+raw projections (MoCo: raw q, normalised k; SimCLR: both raw, k not detached); the loss normalises
+afterwards. λ comes from the ``generator`` the trainer passes to ``forward`` (checkpointed), so it
+is drawn per process per step; with ``λmax = 0`` (or λ = 0) ĥ = q exactly.
+
+Variant followed (the official code's quirks, methods.md §5.2, and why we depart from them):
+
+* **MoCo: keys are enqueued once, not twice.** The official code enqueues the duplicated 2B keys,
+  which only repeats every negative and forces K to be divisible by 2·B (its own configs violate
+  that). Enqueueing B keys leaves the queue exactly as in plain MoCo, so switching the
+  Hallucinator on changes only the positives.
+* **SimCLR: same-instance entries are masked.** The official NT-Xent over ``[q; h]`` vs
+  ``[k; k]`` makes q_i see h_i and the copy of k_i as *negatives* (and each k_i its own duplicate,
+  a constant exp(1/τ) in its denominator). We give every row the image's instance id and drop all
+  entries of the same image from the negatives (``selfsup.losses.pair_similarities``), keeping
+  only the designated positive; this is the "cleaner spec" of methods.md §5.5.4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from selfsup.config import RecipeError
+
+
+@dataclass
+class HallucinatorConfig:
+    """``objective.hallucinator``: shared by every objective that supports it."""
+
+    enabled: bool = False
+    lambda_max: float = 0.1  # λ ~ U(0, lambda_max) per step
+    hidden_dim: Optional[int] = None  # generator width; None: 2 × the projection dim (official)
+
+
+def check_hallucinator(cfg: HallucinatorConfig) -> None:
+    if cfg.lambda_max < 0:
+        raise RecipeError(f"objective.hallucinator.lambda_max must be >= 0, not {cfg.lambda_max}")
+    if cfg.hidden_dim is not None and cfg.hidden_dim < 1:
+        raise RecipeError(f"objective.hallucinator.hidden_dim must be >= 1 (or null), not {cfg.hidden_dim}")
+
+
+def extrapolate(q: torch.Tensor, k: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
+    """ĥ = (1 + λ)·q − λ·k: q moved away from its positive key."""
+    return (1 + lam) * q - lam * k
+
+
+class Hallucinator(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int | None = None, lambda_max: float = 0.1):
+        super().__init__()
+        hidden = hidden_dim or 2 * dim
+        self.lambda_max = float(lambda_max)
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, dim))
+
+    @classmethod
+    def from_config(cls, cfg: HallucinatorConfig, dim: int) -> "Hallucinator":
+        check_hallucinator(cfg)
+        return cls(dim, cfg.hidden_dim, cfg.lambda_max)
+
+    def draw_lambda(self, generator: torch.Generator | None) -> float:
+        return float(torch.rand((), generator=generator, dtype=torch.float64)) * self.lambda_max
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, generator: torch.Generator | None = None,
+                lam: float | None = None):
+        """``(h, λ)``: one hallucinated query per row of q (same shape), for the key k."""
+        lam = self.draw_lambda(generator) if lam is None else float(lam)
+        h_hat = extrapolate(q, k.to(q.dtype), lam)
+        return self.mlp(torch.cat([q, h_hat], dim=1)), lam

@@ -1,0 +1,73 @@
+"""Run under torchrun (N processes) or plainly (1 process) on one fixed global batch per step,
+through the trainer's own path (accelerate-prepared DDP model, accelerator.backward, the
+objective's momentum pairs), in float64; rank 0 writes OUT (a .pt file) with
+
+* ``queue``/``queue_ptr``: MoCo's queue after 4 SGD + EMA steps (K = 24, global batch 8: wraps);
+* ``keys``: the normalised keys of every step, computed on the whole global batch by rank 0;
+* ``halluc_grads``: the gradients of one SimCLR + Hallucinator step (DCL), λ drawn from a
+  generator seeded alike on every rank, so 1 and N processes must agree.
+
+Used by tests/test_moco.py and tests/test_hallucinator.py (one launch serves both)."""
+
+import sys
+
+import torch
+
+from selfsup.config import load_recipe
+from selfsup.models import create_backbone
+from selfsup.objectives import build_objective
+from selfsup.schedules import ema_update
+from selfsup.trainer import make_accelerator
+
+GLOBAL_BATCH = 8
+
+
+def views(step, size=32):
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(GLOBAL_BATCH, 3, size, size, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+def build(recipe, acc, overrides):
+    per = GLOBAL_BATCH // acc.num_processes
+    cfg = load_recipe(recipe, ["model.name=test_convnext", "objective.proj_hidden_dim=32",
+                               f"train.batch_size={per}", *overrides])
+    torch.manual_seed(0)  # identical initial weights (and queue) on every process
+    objective = build_objective(cfg, create_backbone(cfg.model.name)).double()
+    return acc.prepare(objective), objective
+
+
+def main(recipe, out):
+    acc = make_accelerator(load_recipe(recipe, []))
+    per = GLOBAL_BATCH // acc.num_processes
+    sl = slice(acc.process_index * per, (acc.process_index + 1) * per)
+
+    model, moco = build(recipe, acc, ["objective.name=moco", "objective.queue_size=24",
+                                      "objective.momentum=0.5", "objective.loss=infonce"])
+    optimizer = torch.optim.SGD([p for p in moco.parameters() if p.requires_grad], lr=0.5)
+    keys = []
+    for step in range(4):
+        v0, v1 = views(step)
+        if acc.is_main_process:
+            keys.append(moco.keys(v1))  # no BN in test_convnext: batch-independent
+        loss, _ = model({"views": [v0[sl], v1[sl]]}, None)
+        acc.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for online, target in moco.momentum_pairs():
+            ema_update(online, target, moco.momentum(step / 4))
+
+    model, simclr = build(recipe, acc, ["objective.name=simclr", "objective.loss=dcl",
+                                        "objective.proj_batch_norm=false",
+                                        "objective.hallucinator.enabled=true"])
+    v0, v1 = views(99)
+    loss, metrics = model({"views": [v0[sl], v1[sl]]}, torch.Generator().manual_seed(7))
+    acc.backward(loss)
+    if acc.is_main_process:
+        torch.save({"queue": moco.queue.clone(), "queue_ptr": moco.queue_ptr.clone(),
+                    "keys": keys, "lambda": metrics["halluc_lambda"],
+                    "halluc_grads": {n: p.grad.clone() for n, p in simclr.named_parameters()
+                                     if p.grad is not None}}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,236 @@
+"""MoCHi hard negative mixing and the shared similarity-level loss (methods.md §2, §7)."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+from selfsup.config import RecipeError, load_recipe
+from selfsup.losses import contrastive_logits_loss, pair_similarities
+from selfsup.models import create_backbone
+from selfsup.objectives import build_objective
+from selfsup.objectives.mixing import HardNegativeMixer, MochiConfig, mix_hard_negatives
+from selfsup.objectives.simclr import contrastive_loss
+from tinyrun import MOCO, losses, run_recipe_and_evaluate, train
+
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+TAU, SIGMA = 0.2, 0.5
+
+
+def rand(*shape, seed=0, grad=False):
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return t.requires_grad_(grad)
+
+
+# ------------------------------------------------------------- the similarity-level loss ----
+def problem(m=5, k=7, e=3, d=4):
+    """Anchors, keys, a shared pool with some entries masked per anchor, per-anchor extras."""
+    q, key = rand(m, d, seed=1, grad=True), rand(m, d, seed=2, grad=True)
+    pool = F.normalize(rand(k, d, seed=3), dim=1)
+    synth = F.normalize(rand(m, e, d, seed=4), dim=2)
+    mask = torch.rand(m, k, generator=torch.Generator().manual_seed(5)) < 0.3
+    return q, key, pool, synth, mask
+
+
+def module_loss(q, key, pool, synth, mask, loss):
+    qn, kn = F.normalize(q, dim=1), F.normalize(key, dim=1)
+    pos = (qn * kn).sum(1)
+    neg = (qn @ pool.T).masked_fill(mask, float("-inf"))
+    extra = torch.einsum("md,med->me", qn, synth)
+    return contrastive_logits_loss(pos, neg, extra, loss, TAU, SIGMA)
+
+
+def loop_value(q, key, pool, synth, mask, loss):
+    """Plain-Python floats, one anchor at a time."""
+    def unit(v):
+        n = math.sqrt(sum(x * x for x in v))
+        return [x / n for x in v]
+
+    def dot(a, b):
+        return sum(x * y for x, y in zip(a, b))
+
+    qs, ks = [unit(r) for r in q.tolist()], [unit(r) for r in key.tolist()]
+    pos = [dot(a, b) for a, b in zip(qs, ks)]
+    e = [math.exp(p / SIGMA) for p in pos]
+    total = 0.0
+    for m, a in enumerate(qs):
+        terms = [pos[m]] if loss == "infonce" else []
+        terms += [dot(a, p) for j, p in enumerate(pool.tolist()) if not mask[m, j]]
+        terms += [dot(a, h) for h in synth[m].tolist()]
+        w = 2 - e[m] / (sum(e) / len(e)) if loss == "dclw" else 1.0
+        total += -w * pos[m] / TAU + math.log(sum(math.exp(t / TAU) for t in terms))
+    return total / len(qs)
+
+
+def loop_torch(q, key, pool, synth, mask, loss):
+    qn, kn = F.normalize(q, dim=1), F.normalize(key, dim=1)
+    pos = (qn * kn).sum(1)
+    w = 2 - len(pos) * torch.softmax(pos.detach() / SIGMA, 0) if loss == "dclw" else torch.ones(len(pos))
+    total = 0
+    for m in range(len(qn)):
+        terms = [pos[m:m + 1]] if loss == "infonce" else []
+        terms += [pool[~mask[m]] @ qn[m], synth[m] @ qn[m]]
+        total = total - w[m] * pos[m] / TAU + torch.logsumexp(torch.cat(terms) / TAU, 0)
+    return total / len(qn)
+
+
+@pytest.mark.parametrize("loss", ["infonce", "dcl", "dclw"])
+def test_logits_loss_with_extra_negatives_equals_an_explicit_loop(loss):
+    args = problem()
+    got = module_loss(*args, loss)
+    assert got.item() == pytest.approx(loop_value(*args, loss), rel=1e-12, abs=1e-12)
+    g = torch.autograd.grad(got, args[:2])
+    r = torch.autograd.grad(loop_torch(*args, loss), args[:2])
+    for a, b in zip(g, r):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    # the extras matter: dropping them changes value and gradient
+    q, key, pool, synth, mask = args
+    assert abs(module_loss(q, key, pool, synth[:, :0], mask, loss).item() - got.item()) > 1e-3
+
+
+@pytest.mark.parametrize("loss", ["infonce", "dcl", "dclw"])
+def test_without_extras_the_shared_loss_is_lightlys_simclr_loss(loss):
+    z0, z1 = rand(6, 5, seed=7, grad=True), rand(6, 5, seed=8, grad=True)
+    anchors, pos, neg, _ = pair_similarities(z0, z1)
+    ours = contrastive_logits_loss(pos, neg, None, loss, TAU, SIGMA)
+    lightly = contrastive_loss(z0, z1, loss, TAU, SIGMA)
+    torch.testing.assert_close(ours, lightly, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(ours, (z0, z1)), torch.autograd.grad(lightly, (z0, z1))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    # an empty extra block (s = s' = 0) is bit for bit the loss without one
+    empty = contrastive_logits_loss(pos, neg, pos.new_zeros(len(pos), 0), loss, TAU, SIGMA)
+    assert torch.equal(empty, ours)
+
+
+# ------------------------------------------------------------------ synthetic negatives ----
+def test_synthetic_negatives_are_unit_mixes_of_each_anchors_own_hardest():
+    m, k, d, n, s, sp = 6, 40, 8, 5, 7, 4
+    anchors = F.normalize(rand(m, d, seed=10), dim=1)
+    pool = F.normalize(rand(k, d, seed=11), dim=1)
+    pool[:m] = anchors  # each anchor's own copy: the most similar entry, and masked
+    sim = (anchors @ pool.T).masked_fill(torch.eye(m, k, dtype=torch.bool), float("-inf"))
+    mixed = mix_hard_negatives(anchors, pool, sim, n, s, sp, torch.Generator().manual_seed(0))
+    f = mixed.features
+    assert f.shape == (m, s + sp, d) and not f.requires_grad
+    torch.testing.assert_close(f.norm(dim=2), torch.ones(m, s + sp, dtype=torch.float64))
+    hard_sets = []
+    for i in range(m):
+        valid = [j for j in range(k) if j != i]
+        top = set(sorted(valid, key=lambda j: -float(anchors[i] @ pool[j]))[:n])
+        assert set(mixed.hard[i].tolist()) == top and i not in top  # masked self never picked
+        assert set(mixed.pairs[i].flatten().tolist()) <= top and set(mixed.partner[i].tolist()) <= top
+        assert len(set(mixed.pairs[i].flatten().tolist())) > 1
+        hard_sets.append(frozenset(top))
+    assert len(set(hard_sets)) == m  # anchors have different top-N: per-anchor indexing matters
+    assert 0 <= mixed.alpha.min() and mixed.alpha.max() <= 1
+    assert 0 <= mixed.beta.min() and mixed.beta.max() <= 0.5 and mixed.beta.max() > 0.3
+    a = mixed.alpha.unsqueeze(2)
+    type1 = F.normalize(a * pool[mixed.pairs[..., 0]] + (1 - a) * pool[mixed.pairs[..., 1]], dim=2)
+    b = mixed.beta.unsqueeze(2)
+    type2 = F.normalize(b * anchors.unsqueeze(1) + (1 - b) * pool[mixed.partner], dim=2)
+    torch.testing.assert_close(f, torch.cat([type1, type2], dim=1), rtol=0, atol=1e-14)
+    again = mix_hard_negatives(anchors, pool, sim, n, s, sp, torch.Generator().manual_seed(0))
+    other = mix_hard_negatives(anchors, pool, sim, n, s, sp, torch.Generator().manual_seed(1))
+    assert torch.equal(again.features, f) and not torch.equal(other.features, f)
+
+
+def test_gradient_reaches_only_the_query_factor():
+    """q·h with h built from q (type 2): the gradient must be h, not h + (∂h/∂q)ᵀq."""
+    anchors = F.normalize(rand(4, 6, seed=12), dim=1).requires_grad_(True)
+    pool = F.normalize(rand(20, 6, seed=13), dim=1).requires_grad_(True)
+    sim = anchors @ pool.T
+    mixer = HardNegativeMixer(MochiConfig(n=5, s=3, s_prime=3, start_epoch=0))
+    extra, mixed = mixer.extra_similarities(anchors, pool, sim, torch.Generator().manual_seed(0))
+    g_anchor, g_pool = torch.autograd.grad(extra.sum(), (anchors, pool), allow_unused=True)
+    torch.testing.assert_close(g_anchor, mixed.features.sum(1), rtol=0, atol=1e-14)
+    assert g_pool is None  # the queue / batch pool gets nothing through the mixed points
+
+
+# ------------------------------------------------------------------- in the objectives ----
+def build(*overrides, seed=0):
+    cfg = load_recipe(TINY, ["train.batch_size=6", *overrides])
+    torch.manual_seed(seed)
+    return build_objective(cfg, create_backbone(cfg.model.name)).double()
+
+
+def views(b=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 3, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+def step(obj, epoch=math.inf, seed=0):
+    loss, metrics = obj({"views": views(), "epoch": epoch}, torch.Generator().manual_seed(seed))
+    grads = torch.autograd.grad(loss, [p for p in obj.parameters() if p.requires_grad])
+    return loss, grads, metrics
+
+
+OBJECTIVES = [["objective.loss=infonce"], ["objective.loss=dcl"], ["objective.loss=dclw"],
+              ["objective.name=moco", "objective.queue_size=32", "objective.loss=infonce"],
+              ["objective.name=moco", "objective.queue_size=32", "objective.loss=dcl"]]
+
+
+@pytest.mark.parametrize("base", OBJECTIVES, ids=["simclr-infonce", "simclr-dcl", "simclr-dclw",
+                                                  "moco-infonce", "moco-dcl"])
+def test_no_mixed_points_or_warm_up_give_exactly_the_base_loss(base):
+    mochi = ["objective.mochi.n=8", "objective.mochi.start_epoch=2"]
+    ref_loss, ref_grads, _ = step(build(*base))
+    for extra, epoch in (([], 5.0), (["objective.mochi.s=4", "objective.mochi.s_prime=2"], 1.99)):
+        loss, grads, metrics = step(build(*base, *mochi, *extra), epoch)
+        assert torch.equal(loss, ref_loss) and "mochi_hard_sim" not in metrics
+        assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    # from start_epoch on, the extra negatives only add to every denominator: a larger loss
+    loss, _, metrics = step(build(*base, *mochi, "objective.mochi.s=4", "objective.mochi.s_prime=2"), 2.0)
+    assert loss.item() > ref_loss.item() + 1e-3 and "mochi_hard_sim" in metrics
+
+
+def test_mixed_points_are_never_enqueued():
+    obj = build("objective.name=moco", "objective.queue_size=32", "objective.mochi.n=8",
+                "objective.mochi.s=4", "objective.mochi.s_prime=4", "objective.mochi.start_epoch=0")
+    v0, v1 = views()
+    old, keys = obj.queue.clone(), obj.keys(v1)
+    loss, metrics = obj({"views": [v0, v1], "epoch": 0.0}, torch.Generator().manual_seed(0))
+    assert "mochi_hard_sim" in metrics and obj.queue_ptr.item() == 6  # B keys, not B·(1 + s + s')
+    torch.testing.assert_close(obj.queue[:6], keys, rtol=0, atol=1e-15)
+    assert torch.equal(obj.queue[6:], old[6:]) and not obj.queue.requires_grad
+    loss.backward()
+    assert obj.queue.grad is None
+
+
+@pytest.mark.parametrize("args,message", [
+    (["objective.mochi.s=1", "objective.mochi.n=31"], "objective.mochi.n=31 exceeds the 30 in-batch negatives"),
+    (["objective.mochi.s=-1"], "objective.mochi.s and s_prime must be >= 0"),
+    (["objective.mochi.s_prime=2", "objective.mochi.n=0"], "objective.mochi.n must be >= 1"),
+    (["objective.mochi.start_epoch=-1"], "objective.mochi.start_epoch must be >= 0"),
+    (["objective.mochi.m=3"], "unknown recipe key 'objective.mochi.m'"),
+])
+def test_bad_mochi_values_are_one_line_errors(tmp_path, shards, capsys, args, message):
+    assert train("dcl_mochi.yaml", shards, tmp_path / "run", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("selfsup-train: error:") and message in err and "\n" not in err
+
+
+def test_mixing_needs_enough_negatives_at_run_time():
+    with pytest.raises(RecipeError, match="objective.mochi.n=9 exceeds the 8 negatives"):
+        sim = torch.zeros(2, 10).masked_fill(torch.eye(2, 10, dtype=torch.bool), float("-inf"))
+        sim[:, -1] = float("-inf")
+        mix_hard_negatives(torch.zeros(2, 3), torch.zeros(10, 3), sim, 9, 1, 1)
+
+
+# ----------------------------------------------------------------------- recipes, e2e ----
+def test_mochi_recipe_runs_mixes_after_warm_up_and_its_export_evaluates(tmp_path):
+    mochi = ["objective.mochi.n=32", "objective.mochi.s=32", "objective.mochi.s_prime=16",
+             "objective.mochi.start_epoch=1"]
+    curve, knn = run_recipe_and_evaluate(tmp_path, "mochi.yaml", *MOCO, *mochi, skip=4)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "mochi_hard_sim" in r] == list(range(5, 61))  # epoch 1 on
+    assert 0.0 <= knn <= 1.0 and curve == losses(tmp_path / "run")
+
+
+def test_dcl_mochi_recipe_runs_and_its_export_evaluates(tmp_path):
+    mochi = ["objective.mochi.n=16", "objective.mochi.s=32", "objective.mochi.s_prime=16",
+             "objective.mochi.start_epoch=0"]
+    _, knn = run_recipe_and_evaluate(tmp_path, "dcl_mochi.yaml", *mochi)
+    assert 0.0 <= knn <= 1.0

@@ -1,0 +1,157 @@
+"""MoCo-v2: loss over the queue, key encoder (no gradient, trainer EMA), FIFO queue gathered from
+every process, queue restored on resume, the recipe end to end."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from timm.optim import create_optimizer_v2
+
+from conftest import ROOT
+from selfsup.config import load_recipe
+from selfsup.models import create_backbone
+from selfsup.objectives import build_objective
+from selfsup.schedules import ema_update
+from tinyrun import MOCO, queue_check_one_and_two_processes, run_recipe_and_evaluate, train
+
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+
+
+def build(*overrides, seed=0):
+    cfg = load_recipe(TINY, ["objective.name=moco", "objective.queue_size=32", *overrides])
+    torch.manual_seed(seed)
+    return build_objective(cfg, create_backbone(cfg.model.name)).double()
+
+
+def views(b=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 3, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+@pytest.mark.parametrize("loss", ["infonce", "dcl"])
+def test_loss_is_moco_cross_entropy_over_key_and_queue(loss):
+    obj = build(f"objective.loss={loss}", "objective.temperature=0.2")
+    v0, v1 = views()
+    queue = obj.queue.clone()
+    q = F.normalize(obj.head(obj.backbone(v0)), dim=1)  # BN in train mode: batch statistics,
+    k = F.normalize(obj.head_key(obj.backbone_key(v1)), dim=1)  # the same as inside forward
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / 0.2
+    if loss == "infonce":  # MoCo's cross-entropy with the key at index 0
+        expected = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+    else:  # DCL: the positive leaves the denominator
+        expected = (-logits[:, 0] + torch.logsumexp(logits[:, 1:], dim=1)).mean()
+    got, metrics = obj({"views": [v0, v1]}, None)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert abs(metrics["pos_sim"].item() - (q * k).sum(1).mean().item()) < 1e-12
+    # the queue enters the loss: another queue gives another value
+    obj2 = build(f"objective.loss={loss}", "objective.temperature=0.2")
+    obj2.queue.copy_(F.normalize(torch.randn(32, 32, dtype=torch.float64), dim=1))
+    assert abs(obj2({"views": [v0, v1]}, None)[0].item() - got.item()) > 1e-3
+
+
+def test_key_encoder_gets_no_gradient_and_moves_only_by_the_trainers_ema():
+    obj = build("objective.momentum=0.9")
+    optimizer = create_optimizer_v2(obj, opt="sgd", lr=0.5, weight_decay=1e-4)  # as the trainer does
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    keys = list(obj.backbone_key.parameters()) + list(obj.head_key.parameters())
+    assert keys and not any(p.requires_grad or id(p) in in_opt for p in keys)
+    before = [p.detach().clone() for p in keys]
+    loss, _ = obj({"views": views()}, None)
+    loss.backward()
+    assert all(p.grad is None for p in keys)
+    assert all(p.grad is not None for p in obj.backbone.parameters())
+    optimizer.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, keys))  # optimizer left it alone
+    online = list(obj.backbone.parameters()) + list(obj.head.parameters())
+    assert obj.momentum(0.3) == 0.9
+    for o, t in obj.momentum_pairs():  # the trainer's loop
+        ema_update(o, t, obj.momentum(0.3))
+    for old, new, on in zip(before, keys, online):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * on.detach(), rtol=0, atol=1e-15)
+    assert any(not torch.equal(a, p) for a, p in zip(before, keys))
+    cos = build("objective.momentum=0.99", "objective.momentum_cosine=true")
+    assert [cos.momentum(p) for p in (0.0, 0.5, 1.0)] == pytest.approx([0.99, 0.995, 1.0])
+
+
+def test_queue_is_a_fifo_ring_of_normalised_keys_saved_with_the_model():
+    obj = build("objective.queue_size=10", "train.batch_size=4")
+    assert {"queue", "queue_ptr"} <= set(obj.state_dict())  # so accelerate checkpoints it
+    torch.testing.assert_close(obj.queue.norm(dim=1), torch.ones(10, dtype=torch.float64))
+    batches = [F.normalize(torch.randn(4, 32, dtype=torch.float64), dim=1) for _ in range(3)]
+    for b in batches:
+        obj.enqueue(b)
+    b1, b2, b3 = batches
+    assert obj.queue_ptr.item() == 2  # 12 keys written into 10 slots
+    assert torch.equal(obj.queue, torch.cat([b3[2:], b1[2:], b2, b3[:2]]))
+    oldest_first = torch.roll(obj.queue, -int(obj.queue_ptr), dims=0)
+    assert torch.equal(oldest_first, torch.cat([b1[2:], b2, b3]))  # the newest 10, in order
+
+
+def test_forward_enqueues_exactly_this_steps_keys():
+    obj = build()
+    v0, v1 = views()
+    old = obj.queue.clone()
+    k = obj.keys(v1)
+    obj({"views": [v0, v1]}, None)
+    assert obj.queue_ptr.item() == 6
+    torch.testing.assert_close(obj.queue[:6], k, rtol=0, atol=1e-15)
+    assert torch.equal(obj.queue[6:], old[6:])
+
+
+@pytest.fixture(scope="module")
+def two_vs_one():
+    return queue_check_one_and_two_processes()
+
+
+def test_two_processes_fill_the_queue_exactly_like_one(two_vs_one):
+    one, two = two_vs_one
+    assert one["queue_ptr"].item() == two["queue_ptr"].item() == (4 * 8) % 24
+    torch.testing.assert_close(two["queue"], one["queue"], rtol=0, atol=1e-12)
+    # FIFO contents: the last 3 global batches (24 keys) in step order, rank 0's keys first
+    oldest_first = torch.roll(one["queue"], -int(one["queue_ptr"]), dims=0)
+    torch.testing.assert_close(oldest_first, torch.cat(one["keys"][1:]), rtol=0, atol=1e-12)
+    # the check has teeth: the key encoder moves between steps (SGD + EMA), so a queue that
+    # missed a step or a rank's keys (lightly #1018: only local keys enqueued) would differ
+    assert (one["keys"][1] - one["keys"][3]).abs().max() > 1e-3
+
+
+def test_resume_restores_the_queue_exactly(tmp_path, shards):
+    common = ["train.max_steps=6", "checkpoint.every_steps=3", "checkpoint.keep=5", *MOCO]
+    full = tmp_path / "full"
+    assert train("moco.yaml", shards, full, *common) == 0
+    half = tmp_path / "half"
+    (half / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-000000003", half / "checkpoints" / "step-000000003")
+    assert train("moco.yaml", shards, half, *common, "resume=auto") == 0
+
+    def state(run, step):
+        return load_file(str(run / "checkpoints" / f"step-{step:09d}" / "model.safetensors"))
+
+    a, b, mid = state(full, 6), state(half, 6), state(full, 3)
+    assert int(a["queue_ptr"]) == int(b["queue_ptr"]) == (6 * 16) % 64
+    assert torch.equal(a["queue"], b["queue"])
+    for name in a:  # the key encoder too
+        assert torch.equal(a[name], b[name]), name
+    # the queue at step 3 is not the one at step 6: a resume that lost it could not match
+    assert not torch.equal(mid["queue"], a["queue"]) and int(mid["queue_ptr"]) == 48
+
+
+@pytest.mark.parametrize("args,message", [
+    (["objective.queue_size=8"], "objective.queue_size=8 is smaller than the global batch (16)"),
+    (["objective.momentum=1.5"], "objective.momentum must be in [0, 1]"),
+    (["objective.temperature=0"], "objective.temperature must be > 0"),
+    (["objective.loss=ntxent"], "objective.loss must be one of infonce, dcl, dclw"),
+    (["objective.mochi.s=4", "objective.mochi.n=65"], "objective.mochi.n=65 exceeds the 64 queue entries"),
+])
+def test_bad_moco_values_are_one_line_errors(tmp_path, shards, capsys, args, message):
+    assert train("moco.yaml", shards, tmp_path / "run", *MOCO, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("selfsup-train: error:") and message in err and "\n" not in err
+
+
+def test_moco_recipe_runs_and_its_export_evaluates(tmp_path):
+    curve, knn = run_recipe_and_evaluate(tmp_path, "moco.yaml", *MOCO, skip=4)
+    assert curve[0] < curve[4]  # the random initial queue is easy; real keys make it harder
+    assert 0.0 <= knn <= 1.0
