@@ -1,102 +1,216 @@
-"""Batched per-sample augmentation against torchvision's per-image functional ops."""
+"""Batched per-sample augmentation checked against torchvision's per-image functional ops.
+
+Every reference here is computed independently, one sample at a time, with torchvision (the ops the
+per-image SimCLR pipeline uses), replaying the parameters the batch drew."""
 
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
-from selfsup.augment import BatchAugment
+from selfsup.augment import JITTER_OPS, BatchAugment, CenterResize, crop_boxes
 
+# Everything random switched off, no normalisation: the output is the resized input in [0, 1].
 OFF = dict(hflip_p=0, jitter_p=0, gray_p=0, blur_p=0, solarize_p=0, scale=(1, 1), ratio=(1, 1),
            mean=(0, 0, 0), std=(1, 1, 1))
+TV_OPS = dict(brightness=TF.adjust_brightness, contrast=TF.adjust_contrast,
+              saturation=TF.adjust_saturation, hue=TF.adjust_hue)
 
 
 def images(b=6, c=3, h=16, w=16, seed=0):
-    return torch.randint(0, 256, (b, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, 256, (b, c, h, w), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
 
 
-def test_everything_off_is_the_identity_and_normalises():
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_all_off_same_size_is_identity_and_normalises():
     x = images()
-    aug = BatchAugment(16, **{**OFF, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.5)})
-    out = aug(x, torch.Generator().manual_seed(0))
-    ref = (x.float() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    out = BatchAugment(16, **{**OFF, "mean": mean, "std": std})(x, gen())
+    ref = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    # A constant gray image maps to (v - mean) / std per channel, with the default ImageNet stats.
+    const = torch.full((2, 3, 16, 16), 128, dtype=torch.uint8)
+    out = BatchAugment(16, **{k: v for k, v in OFF.items() if k not in ("mean", "std")})(const, gen())
+    want = [(128 / 255 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    torch.testing.assert_close(out, torch.tensor(want).view(1, 3, 1, 1).expand_as(out), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("c,side,size", [(3, 28, 32), (1, 28, 32), (3, 40, 32), (3, 32, 16)])
+def test_all_off_is_plain_bilinear_resize(c, side, size):
+    x = images(b=4, c=c, h=side, w=side)
+    out = BatchAugment(size, **OFF)(x, gen())
+    ref = TF.resize(x.float() / 255, [size, size], interpolation=TF.InterpolationMode.BILINEAR,
+                    antialias=False).expand(-1, 3, -1, -1)
+    assert out.shape == (4, 3, size, size)
+    # 1/255 = 4e-3: a half-pixel misalignment would show as errors of ~0.1; seen: <= 1e-6.
+    torch.testing.assert_close(out, ref, atol=5e-6, rtol=0)
 
 
 def test_forced_crop_box_equals_torchvision_resized_crop():
     x = images(b=3, h=20, w=24)
     aug = BatchAugment(8, **OFF)
-    p = aug.sample_params(3, 20, 24, torch.Generator().manual_seed(0))
-    p["box"] = torch.tensor([[0.0, 0, 16, 16], [4, 8, 8, 8], [2, 3, 16, 8]])  # top, left, h, w
+    p = aug.sample_params(3, 20, 24, gen())
+    # (top, left, h, w): a 2x downscale, a same-size copy, a 2x vertical-only downscale.
+    p["box"] = torch.tensor([[0.0, 0, 16, 16], [4, 9, 8, 8], [2, 3, 16, 8]])
     out = aug.apply(x, p)
     for i, (t, l, h, w) in enumerate(p["box"].int().tolist()):
         ref = TF.resized_crop(x[i].float() / 255, t, l, h, w, [8, 8], antialias=False)
-        # same size: an exact crop; 2x downscale: grid_sample at pixel centres == bilinear
-        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[i], ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[1], x[1, :, 4:12, 9:17].float() / 255, atol=1e-6, rtol=0)
 
 
-def test_crop_boxes_respect_scale_and_ratio():
-    aug = BatchAugment(16, **{**OFF, "scale": (0.2, 0.5), "ratio": (0.75, 1.333)})
-    box = aug.sample_params(2000, 64, 64, torch.Generator().manual_seed(1))["box"]
+def test_crop_box_fallback_is_the_ratio_clamped_centre_crop():
+    # 10 x 100 image, square boxes of >= 90 % of the area never fit: torchvision's fallback.
+    box = crop_boxes(5, 10, 100, scale=(0.9, 1.0), ratio=(1.0, 1.0), generator=gen())
+    assert box.tolist() == [[0, 45, 10, 10]] * 5
+    box = crop_boxes(5, 100, 10, scale=(0.9, 1.0), ratio=(0.5, 2.0), generator=gen())
+    assert box.tolist() == [[40, 0, 20, 10]] * 5  # h = round(10 / min(ratio))
+
+
+@pytest.mark.parametrize("scale,ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.5, 1.0), (1 / 4, 4.0))])
+def test_crop_boxes_follow_random_resized_crop_distribution(scale, ratio):
+    n, side = 4000, 32
+    box = crop_boxes(n, side, side, scale, ratio, gen(1))
     top, left, h, w = box.unbind(1)
-    area = h * w / 64 / 64
-    assert area.min() >= 0.2 - 0.05 and area.max() <= 0.5 + 0.05  # rounding to pixels
-    assert (w / h).min() >= 0.75 * 0.85 and (w / h).max() <= 1.333 / 0.85
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 64).all() and (left + w <= 64).all()
-    assert len(set(box[:, 2].tolist())) > 10  # per-sample boxes differ
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= side).all() and (left + w <= side).all()
+    assert torch.equal(box, box.round())
+    torch.manual_seed(0)
+    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(1, side, side), list(scale),
+                                                       list(ratio)) for _ in range(n)]).double()
+
+    def stats(b):  # mean area fraction, mean |log aspect|, fraction of full-image boxes, mean top
+        area = b[:, 2] * b[:, 3] / side ** 2
+        full = ((b[:, 2] == side) & (b[:, 3] == side)).double()
+        return torch.stack([area.mean(), torch.log(b[:, 3] / b[:, 2]).abs().mean(), full.mean(),
+                            b[:, 0].mean() / side])
+
+    torch.testing.assert_close(stats(box), stats(ref), atol=0.02, rtol=0)
+    area = h * w / side ** 2
+    assert area.min() >= scale[0] - 0.05  # pixel rounding only
 
 
-def test_flip_is_a_mirror():
-    x = images()
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    plain = BatchAugment(16, **OFF)(x, g())
-    flipped = BatchAugment(16, **{**OFF, "hflip_p": 1.0})(x, g())
-    torch.testing.assert_close(flipped, plain.flip(-1), atol=1e-6, rtol=0)
+def test_flip_is_the_mirror_of_the_unflipped_view():
+    x = images(h=24, w=24)
+    crop = {**OFF, "scale": (0.3, 1.0), "ratio": (0.6, 1.6)}
+    plain = BatchAugment(16, **crop)(x, gen(3))
+    flipped = BatchAugment(16, **{**crop, "hflip_p": 1.0})(x, gen(3))
+    torch.testing.assert_close(flipped, torch.flip(plain, dims=[-1]), atol=1e-6, rtol=0)
+    assert (flipped - plain).abs().max() > 0.1
 
 
-def test_colour_jitter_matches_torchvision_per_sample():
-    x = images(b=5)
-    aug = BatchAugment(16, **{**OFF, "jitter_p": 1.0, "brightness": 0.4, "contrast": 0.4,
+def replay_jitter(img, p, i):
+    for op in p["order"][i].tolist():
+        name = JITTER_OPS[op]
+        img = TV_OPS[name](img, p[name][i].item())
+    return img
+
+
+def test_colour_jitter_matches_torchvision_per_sample_in_each_samples_order():
+    n = 12
+    x = images(b=n)
+    aug = BatchAugment(16, **{**OFF, "jitter_p": 0.7, "brightness": 0.4, "contrast": 0.4,
                               "saturation": 0.4, "hue": 0.1})
-    p = aug.sample_params(5, 16, 16, torch.Generator().manual_seed(4))
-    out = aug.apply(x, p)
-    assert len(set(p["brightness"].tolist())) == 5  # different factors per sample
-    for i in range(5):
-        ref = x[i].float() / 255
-        ref = TF.adjust_brightness(ref, p["brightness"][i].item())
-        ref = TF.adjust_contrast(ref, p["contrast"][i].item())
-        ref = TF.adjust_saturation(ref, p["saturation"][i].item())
-        ref = TF.adjust_hue(ref, p["hue"][i].item())
-        torch.testing.assert_close(out[i], ref, atol=1e-4, rtol=0)  # 1/255 = 4e-3
+    out, p = aug(x, gen(4), return_params=True)
+    assert 0 < p["jitter"].sum() < n
+    for key in ("brightness", "contrast", "saturation", "hue"):
+        assert len(set(p[key].tolist())) == n  # a different factor per sample
+    assert len({tuple(o) for o in p["order"].tolist()}) > 3  # and a different order
+    moved = 0
+    for i in range(n):
+        img = x[i].float() / 255
+        ref = replay_jitter(img, p, i) if p["jitter"][i] else img
+        torch.testing.assert_close(out[i], ref, atol=2e-5, rtol=0)
+        if p["jitter"][i]:  # the order matters: the fixed order gives a visibly different image
+            fixed = {**p, "order": torch.arange(4).expand(n, 4)}
+            moved = max(moved, (replay_jitter(img, fixed, i) - ref).abs().max().item())
+    assert moved > 1e-2
 
 
-def test_blur_matches_torchvision_gaussian_blur():
-    x = images(b=4, h=32, w=32)
-    aug = BatchAugment(32, **{**OFF, "blur_p": 1.0, "blur_kernel_frac": 0.1})
-    p = aug.sample_params(4, 32, 32, torch.Generator().manual_seed(5))
-    out = aug.apply(x, p)
-    assert aug.blur_kernel == 3
-    for i in range(4):
-        ref = TF.gaussian_blur(x[i].float() / 255, [3, 3], [p["sigma"][i].item()] * 2)
+def test_zero_strength_jitter_is_skipped():
+    x = images()
+    off = BatchAugment(16, **OFF)(x, gen())
+    on = BatchAugment(16, **{**OFF, "jitter_p": 1.0, "brightness": 0, "contrast": 0,
+                             "saturation": 0, "hue": 0})(x, gen())
+    assert torch.equal(on, off)
+
+
+@pytest.mark.parametrize("frac,kernel", [(0.1, 3), (0.2, 7)])
+def test_blur_matches_torchvision_gaussian_blur(frac, kernel):
+    x = images(b=6, h=32, w=32)
+    aug = BatchAugment(32, **{**OFF, "blur_p": 0.5, "blur_kernel_frac": frac})
+    out, p = aug(x, gen(5), return_params=True)
+    assert aug.blur_kernel == kernel and 0 < p["blur"].sum() < 6
+    assert len(set(p["sigma"].tolist())) == 6
+    for i in range(6):
+        img = x[i].float() / 255
+        ref = TF.gaussian_blur(img, [kernel, kernel], [p["sigma"][i].item()] * 2) if p["blur"][i] else img
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+
+
+def test_blur_kernel_size_follows_the_10_percent_rule():
+    assert [BatchAugment(s).blur_kernel for s in (16, 32, 96, 224)] == [3, 3, 9, 23]
 
 
 def test_grayscale_solarize_and_single_channel_input():
     x = images(b=4)
-    out = BatchAugment(16, **{**OFF, "gray_p": 1.0})(x, torch.Generator().manual_seed(0))
+    out = BatchAugment(16, **{**OFF, "gray_p": 1.0})(x, gen())
     assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])
-    ref = TF.rgb_to_grayscale(x.float() / 255)
-    torch.testing.assert_close(out[:, :1], ref, atol=1e-6, rtol=0)
-    sol = BatchAugment(16, **{**OFF, "solarize_p": 1.0})(x, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out[:, :1], TF.rgb_to_grayscale(x.float() / 255), atol=1e-6, rtol=0)
+    sol = BatchAugment(16, **{**OFF, "solarize_p": 1.0})(x, gen())
     v = x.float() / 255
     torch.testing.assert_close(sol, torch.where(v >= 0.5, 1 - v, v), atol=1e-6, rtol=0)
-    gray = BatchAugment(16, **OFF)(x[:, :1], torch.Generator().manual_seed(0))
+    gray = BatchAugment(16, **OFF)(x[:, :1], gen())
     assert gray.shape == (4, 3, 16, 16) and torch.equal(gray[:, 0], gray[:, 2])
+    torch.testing.assert_close(gray[:, 1], x[:, 0].float() / 255, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError):
+        BatchAugment(16)(images(c=2), gen())
 
 
-def test_same_seed_same_views_different_seed_different():
+def test_same_seed_same_views_different_seed_different_and_no_global_rng():
     x = images(b=8, h=32, w=32)
     aug = BatchAugment(24, scale=(0.2, 1.0), solarize_p=0.2)
-    a = aug(x, torch.Generator().manual_seed(0))
-    assert torch.equal(a, aug(x, torch.Generator().manual_seed(0)))
-    assert not torch.allclose(a, aug(x, torch.Generator().manual_seed(1)))
+    state = torch.get_rng_state()
+    g = gen(0)
+    a = aug(x, g)
+    assert torch.equal(torch.get_rng_state(), state)  # only the given generator is used
+    assert torch.equal(a, aug(x, gen(0)))
+    assert not torch.allclose(a, aug(x, g))  # the second view of the same generator differs
+    assert not torch.allclose(a, aug(x, gen(1)))
     assert a.shape == (8, 3, 24, 24) and a.dtype == torch.float32 and torch.isfinite(a).all()
+    p = aug.sample_params(8, 32, 32, gen(0))
+    assert len({tuple(b) for b in p["box"].tolist()}) == 8  # per-sample boxes
+    # Normalised default views of random uint8 images: roughly zero-mean, unit-scale.
+    assert abs(a.mean().item()) < 0.5 and 0.3 < a.std().item() < 2.0
+
+
+def test_float32_under_autocast():
+    x = images(b=4)
+    aug = BatchAugment(16, scale=(0.3, 1.0), blur_p=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = aug(x, gen(2))
+    assert out.dtype == torch.float32 and torch.equal(out, aug(x, gen(2)))
+
+
+def test_center_resize_is_a_deterministic_centre_crop():
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    x = images(b=2, h=32, w=48)
+    out = CenterResize(32, mean=mean, std=std)(x)  # shorter side already 32: crop columns 8..39
+    torch.testing.assert_close(out, (x[..., 8:40].float() / 255 - m) / s, atol=1e-5, rtol=0)
+    x = images(b=2, c=1, h=40, w=40)
+    out = CenterResize(35, crop_frac=35 / 40, mean=mean, std=std)(x)  # no resize, crop 2..36
+    torch.testing.assert_close(out, (x[..., 2:37, 2:37].float().expand(-1, 3, -1, -1) / 255 - m) / s,
+                               atol=1e-5, rtol=0)
+    const = torch.full((2, 3, 64, 64), 200, dtype=torch.uint8)
+    out = CenterResize(28, crop_frac=0.875, mean=(0, 0, 0), std=(1, 1, 1))(const)  # 64 → 32 → 28
+    assert out.shape == (2, 3, 28, 28)
+    torch.testing.assert_close(out, torch.full_like(out, 200 / 255), atol=1e-6, rtol=0)
+    x = images(b=2, h=64, w=64)
+    out = CenterResize(28, crop_frac=0.875, mean=(0, 0, 0), std=(1, 1, 1))(x)
+    ref = F.interpolate(x.float() / 255, size=(32, 32), mode="bilinear", antialias=True)[..., 2:30, 2:30]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

@@ -1,18 +1,29 @@
 """Per-sample augmentation of a whole uint8 batch, on whatever device the batch lives on.
 
 torchvision.transforms.v2 applied to a batched tensor draws ONE set of random parameters for the
-whole batch; SSL needs different crops and colours per image. Doing it per image in the loader
+whole batch; SSL needs a different crop and colour per image. Doing it per image in the loader
 workers (lightly's ``SimCLRTransform``) costs most of a CPU core per few hundred images. Here the
 loader only decodes; this module draws every sample's parameters from one CPU ``torch.Generator``
-(tiny tensors, checkpointed by the trainer for exact resume) and applies them with batched tensor
-ops: crop + flip as one ``affine_grid``/``grid_sample``, colour jitter with per-sample factors,
-grayscale, Gaussian blur as a grouped convolution, solarisation, normalisation.
+(tiny tensors; the trainer checkpoints its state, so a resumed run draws the same views) and applies
+them with batched tensor ops, reusing torchvision's functional ops wherever they are batch-safe.
 
-Semantics follow torchvision's RandomResizedCrop → RandomHorizontalFlip → RandomApply(ColorJitter)
-→ RandomGrayscale → GaussianBlur → Normalize pipeline, with two documented differences: colour
-jitter is applied in a fixed order (brightness, contrast, saturation, hue) instead of a random
-order per image, and crops are resampled bilinearly without antialiasing (only large downscales
-differ visibly).
+Semantics per sample are those of the SimCLR pipeline RandomResizedCrop → RandomHorizontalFlip →
+RandomApply(ColorJitter) → RandomGrayscale → RandomApply(GaussianBlur) → [solarize] → Normalize:
+
+- crop boxes follow ``RandomResizedCrop.get_params`` (10 tries, then a centre crop), vectorised;
+  crop, resize and flip are one ``affine_grid``/``grid_sample`` (bilinear, pixel-centre aligned).
+  Unlike ``resized_crop`` there is no antialiasing (only large downscales differ visibly) and a
+  box's edge pixels interpolate with the true neighbours outside the box instead of a clamped edge.
+- colour jitter applies brightness, contrast, saturation and hue in a random order per sample,
+  exactly as torchvision's ColorJitter (which lightly uses): the ops do not commute (a hue shift
+  after a saturation boost differs from before it), and the random order costs nothing here
+  because each (step, op) group is gathered by an index computed on the CPU.
+- the hue shift uses torchvision's own batched RGB↔HSV conversions, so it matches ``adjust_hue``.
+- the blur kernel has a fixed odd side ``≈ blur_kernel_frac * size`` (≥ 3), as SimCLR's 10 % rule;
+  sigma is drawn per sample and the kernels are applied as one depthwise separable convolution.
+
+Applying an op only to the samples that draw it (index_select/index_copy_ with CPU-computed
+indices, no device sync) also saves the work of the ~20-50 % of samples that skip it.
 """
 
 from __future__ import annotations
@@ -21,57 +32,106 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torch import nn
+# Private but batched (..., 3, H, W) HSV conversions of the pinned torchvision; tests/test_augment.py
+# compares the hue shift with the public adjust_hue, so an upgrade that changes them fails loudly.
+from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
-GRAY = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale weights
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    w = x.new_tensor(GRAY).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
-
-
-def _rgb2hsv(x):
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    cr = maxc - minc
-    s = cr / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    crd = torch.where(cr == 0, torch.ones_like(cr), cr)
-    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return h, s, maxc
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # ids used by params["order"]
 
 
-def _hsv2rgb(h, s, v):
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p = (v * (1 - s)).clamp(0, 1)
-    q = (v * (1 - s * f)).clamp(0, 1)
-    t = (v * (1 - s * (1 - f))).clamp(0, 1)
-    mask = i.unsqueeze(1) == torch.arange(6, device=h.device).view(1, -1, 1, 1)
-    table = [torch.stack(c, 1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))]
-    return torch.stack([(mask * c).sum(1) for c in table], 1)
+def crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+               generator: torch.Generator | None = None, tries: int = 10) -> torch.Tensor:
+    """``n`` boxes (top, left, h, w) as float64 (n, 4), drawn like RandomResizedCrop.get_params.
+
+    All ``tries`` candidates are drawn at once and the first valid one is kept, so the number of
+    random draws does not depend on the data (the same generator state always yields the same
+    boxes); samples with no valid candidate fall back to the ratio-clamped centre crop."""
+    area = height * width
+    target = area * torch.empty(n, tries).uniform_(scale[0], scale[1], generator=generator).double()
+    log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_r.double())
+    w, h = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.to(torch.uint8).argmax(1, keepdim=True)  # index of the first valid try
+    found = ok.any(1)
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    w = torch.where(found, w, torch.tensor(float(fw), dtype=torch.float64))
+    h = torch.where(found, h, torch.tensor(float(fh), dtype=torch.float64))
+    pos = torch.rand(n, 2, generator=generator).double()  # uniform integer offsets, like randint
+    top = torch.where(found, torch.floor(pos[:, 0] * (height - h + 1)).clamp(max=height - h),
+                      torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, torch.floor(pos[:, 1] * (width - w + 1)).clamp(max=width - w),
+                       torch.div(width - w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], 1)
+
+
+def resized_crop(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Every sample's box (top, left, h, w in pixels) resampled to ``size``², mirrored where ``flip``.
+
+    Output pixel centres map to ``left + (k + 0.5) * w / size - 0.5`` in the input, the convention
+    of ``interpolate(align_corners=False)``; so a same-size integer box is an exact copy and the
+    mirror is the exact flip of the unflipped output. ``theta`` is built on the CPU: one transfer."""
+    n, c, height, width = x.shape
+    top, left, h, w = box.double().unbind(1)
+    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = w / width * (1 - 2 * flip.double())
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    theta = theta.to(x.dtype).to(x.device)  # cast first: some devices lack float64
+    grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample CPU vector as a (B, 1, 1, 1) tensor on ``x``'s device and dtype."""
+    return v.to(x.dtype).to(x.device).view(-1, 1, 1, 1)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``_blend`` (a·f + b·(1-f), clamped to [0, 1]) with a per-sample ratio."""
+    f = _col(f, a)
+    return (a * f + b * (1 - f)).clamp_(0, 1)
+
+
+def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * _col(f, x)).clamp_(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, TF.rgb_to_grayscale(x).mean((-3, -2, -1), keepdim=True), f)
+
+
+def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, TF.rgb_to_grayscale(x), f)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Hue rotation by a per-sample fraction of the colour circle (torchvision semantics)."""
-    h, s, v = _rgb2hsv(x)
-    h = torch.fmod(h + shift.view(-1, 1, 1) + 1.0, 1.0)
-    return _hsv2rgb(h, s, v)
+    """Hue rotation by a per-sample fraction of the colour circle (``adjust_hue`` semantics)."""
+    h, s, v = _rgb_to_hsv(x).unbind(-3)
+    h = (h + _col(shift, x)[:, 0]).remainder_(1.0)
+    return _hsv_to_rgb(torch.stack((h, s, v), -3))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, ksize: int) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per sample, reflect padding (as torchvision)."""
+    """Gaussian blur with one sigma per sample: torchvision's kernel (softmax of -(t/σ)², t spaced
+    over ±(k-1)/(2√2)) and reflect padding, as two depthwise 1-D convolutions over B·C groups."""
     b, c, h, w = x.shape
-    half = (ksize - 1) * 0.5
-    t = torch.linspace(-half, half, ksize, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (b*c, ksize)
+    lim = (ksize - 1) / (2.0 * math.sqrt(2.0))
+    t = torch.linspace(-lim, lim, ksize, device=x.device, dtype=x.dtype)
+    k = torch.softmax(-(t.view(1, -1) / _col(sigma, x).view(-1, 1)).pow(2), dim=1)
+    k = k.repeat_interleave(c, 0)  # (b*c, ksize)
     pad = ksize // 2
     y = F.pad(x.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
     y = F.conv2d(y, k.view(b * c, 1, 1, ksize), groups=b * c)
@@ -79,103 +139,127 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, ksize: int) -> torch.Ten
     return y.view(b, c, h, w)
 
 
+def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn, *per_sample: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied only to the samples where the CPU bool ``mask`` holds (others unchanged).
+    The index is computed on the CPU, so there is no device sync; per-sample args are sliced too."""
+    idx = mask.nonzero().flatten()
+    if len(idx) == 0:
+        return x
+    if len(idx) == len(mask):
+        return fn(x, *per_sample).contiguous()
+    d = idx.to(x.device)
+    return x.contiguous().index_copy_(0, d, fn(x.index_select(0, d), *(a[idx] for a in per_sample)))
+
+
+def _float3(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 1|3, H, W) → float32 in [0, 1] with 3 channels (gray is replicated)."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected a (B, 1 or 3, H, W) batch, got shape {tuple(images.shape)}")
+    x = TF.to_dtype(images, torch.float32, scale=True)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
 class BatchAugment(nn.Module):
-    """uint8 (B, C, H, W) batch → normalised float32 (B, 3, size, size) views."""
+    """uint8 (B, C, H, W) batch → normalised float32 (B, 3, size, size) views, random per sample.
+
+    ``forward(images, generator)`` = ``apply(images, sample_params(B, H, W, generator))``; the two
+    halves are public so tests (and debugging) can inspect or force the parameters."""
 
     def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip_p=0.5,
                  jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
                  gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), blur_kernel_frac=0.1,
-                 solarize_p=0.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+                 solarize_p=0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
+        if not 0 <= hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5], got {hue}")
         self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
         self.hflip_p, self.jitter_p, self.gray_p = hflip_p, jitter_p, gray_p
         self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
         self.blur_p, self.blur_sigma, self.solarize_p = blur_p, tuple(blur_sigma), solarize_p
         k = max(3, int(blur_kernel_frac * self.size))
-        self.blur_kernel = k + 1 - k % 2
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), False)
+        self.blur_kernel = k + 1 - k % 2  # odd, like SimCLR's 10 % rule (224 px → 23)
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
 
-    def sample_params(self, b: int, height: int, width: int, g: torch.Generator) -> dict:
-        """All random draws for ``b`` images (a fixed number per call, so RNG use is
-        data-independent). Crop boxes follow RandomResizedCrop.get_params: 10 tries, then a
-        centre crop with the ratio clamped."""
-        area = height * width
-        tries = 10
-        target = area * torch.empty(b, tries).uniform_(*self.scale, generator=g)
-        logr = torch.empty(b, tries).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]), generator=g)
-        ar = torch.exp(logr)
-        w = torch.round(torch.sqrt(target * ar))
-        h = torch.round(torch.sqrt(target / ar))
-        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((b,), -1))
-        pick = first.clamp(min=0).unsqueeze(1)
-        w, h = w.gather(1, pick).squeeze(1), h.gather(1, pick).squeeze(1)
-        in_ratio = width / height
-        if in_ratio < min(self.ratio):
-            fw, fh = width, round(width / min(self.ratio))
-        elif in_ratio > max(self.ratio):
-            fw, fh = round(height * max(self.ratio)), height
-        else:
-            fw, fh = width, height
-        fallback = first < 0
-        w = torch.where(fallback, torch.tensor(float(fw)), w)
-        h = torch.where(fallback, torch.tensor(float(fh)), h)
-        u = torch.rand(b, 2, generator=g)
-        top = torch.where(fallback, (height - h) // 2, torch.floor(u[:, 0] * (height - h + 1)))
-        left = torch.where(fallback, (width - w) // 2, torch.floor(u[:, 1] * (width - w + 1)))
-        r = torch.rand(b, 9, generator=g)
+    def extra_repr(self) -> str:
+        return (f"size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip_p={self.hflip_p}, "
+                f"jitter_p={self.jitter_p}, gray_p={self.gray_p}, blur_p={self.blur_p}, "
+                f"blur_kernel={self.blur_kernel}, solarize_p={self.solarize_p}")
 
-        def factor(strength, col):  # U(max(0, 1-s), 1+s) as torchvision's ColorJitter
-            lo = max(0.0, 1 - strength)
-            return lo + (1 + strength - lo) * r[:, col]
+    def sample_params(self, n: int, height: int, width: int, generator: torch.Generator) -> dict:
+        """Every random draw for ``n`` images, as CPU tensors; a fixed number of draws per call
+        whatever the settings, so RNG consumption (and resume) does not depend on the data.
 
-        sig = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * r[:, 8]
-        u2 = torch.rand(b, 4, generator=g)
-        return {"box": torch.stack([top, left, h, w], 1), "flip": u2[:, 0] < self.hflip_p,
-                "jitter": u2[:, 1] < self.jitter_p, "brightness": factor(self.brightness, 0),
-                "contrast": factor(self.contrast, 1), "saturation": factor(self.saturation, 2),
-                "hue": (r[:, 3] * 2 - 1) * self.hue, "gray": u2[:, 2] < self.gray_p,
-                "blur": u2[:, 3] < self.blur_p, "sigma": sig, "solarize": r[:, 7] < self.solarize_p}
+        Keys: box (top, left, h, w), flip, jitter, order (B, 4: op ids of ``JITTER_OPS`` in the
+        order applied), brightness, contrast, saturation (factors), hue (shift), gray, blur,
+        sigma, solarize. Factors are U(max(0, 1-s), 1+s) and hue U(-h, h), as ColorJitter."""
+        box = crop_boxes(n, height, width, self.scale, self.ratio, generator)
+        u = torch.rand(n, 11, generator=generator)
+        order = torch.rand(n, 4, generator=generator).argsort(1)  # a uniform permutation per sample
 
-    def crop(self, x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        """Resized crop (+ horizontal flip) of every sample's box to ``size`` (bilinear)."""
-        b, _, height, width = x.shape
-        top, left, h, w = box.to(x.device, x.dtype).unbind(1)
-        sx = w / width * torch.where(flip.to(x.device), -1.0, 1.0).to(x.dtype)
-        theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
-        theta[:, 0, 0], theta[:, 1, 1] = sx, h / height
-        theta[:, 0, 2] = (2 * left + w) / width - 1
-        theta[:, 1, 2] = (2 * top + h) / height - 1
-        grid = F.affine_grid(theta, [b, x.shape[1], self.size, self.size], align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        def factor(s: float, col: int) -> torch.Tensor:
+            lo = max(0.0, 1.0 - s)
+            return lo + (1.0 + s - lo) * u[:, col]
+
+        lo, hi = self.blur_sigma
+        return {"box": box, "flip": u[:, 0] < self.hflip_p, "jitter": u[:, 1] < self.jitter_p,
+                "order": order, "brightness": factor(self.brightness, 2),
+                "contrast": factor(self.contrast, 3), "saturation": factor(self.saturation, 4),
+                "hue": (2 * u[:, 5] - 1) * self.hue, "gray": u[:, 6] < self.gray_p,
+                "blur": u[:, 7] < self.blur_p, "sigma": lo + (hi - lo) * u[:, 8],
+                "solarize": u[:, 9] < self.solarize_p}
 
     def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
-        dev = images.device
-        p = {k: v.to(dev) for k, v in p.items()}
-        x = images.float() / 255
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = self.crop(x, p["box"], p["flip"])
-        col = lambda v: v.view(-1, 1, 1, 1).to(x.dtype)  # noqa: E731
+        """The views of ``images`` for given parameters (see ``sample_params``)."""
+        x = resized_crop(_float3(images), p["box"], p["flip"], self.size)
         if self.jitter_p > 0:
-            j = col(p["jitter"])
-            y = (x * col(p["brightness"])).clamp(0, 1)
-            m = _gray(y).mean((2, 3), keepdim=True)
-            y = (col(p["contrast"]) * y + (1 - col(p["contrast"])) * m).clamp(0, 1)
-            y = (col(p["saturation"]) * y + (1 - col(p["saturation"])) * _gray(y)).clamp(0, 1)
-            if self.hue > 0:
-                y = adjust_hue(y, p["hue"].to(x.dtype))
-            x = torch.where(j.bool(), y, x)
+            # An op with zero strength is skipped, as ColorJitter does (hue 0 would still
+            # round-trip through HSV); the others run in each sample's own order.
+            ops = [(adjust_brightness, "brightness", self.brightness > 0),
+                   (adjust_contrast, "contrast", self.contrast > 0),
+                   (adjust_saturation, "saturation", self.saturation > 0),
+                   (adjust_hue, "hue", self.hue > 0)]
+            for step in range(len(ops)):
+                for op_id, (fn, key, active) in enumerate(ops):
+                    if active:
+                        mask = p["jitter"] & (p["order"][:, step] == op_id)
+                        x = _on_subset(x, mask, fn, p[key])
         if self.gray_p > 0:
-            x = torch.where(col(p["gray"]).bool(), _gray(x).expand(-1, 3, -1, -1), x)
+            x = _on_subset(x, p["gray"], lambda y: TF.rgb_to_grayscale(y, num_output_channels=3))
         if self.blur_p > 0:
-            x = torch.where(col(p["blur"]).bool(), gaussian_blur(x, p["sigma"].to(x.dtype), self.blur_kernel), x)
+            x = _on_subset(x, p["blur"], lambda y, s: gaussian_blur(y, s, self.blur_kernel), p["sigma"])
         if self.solarize_p > 0:
-            x = torch.where(col(p["solarize"]).bool() & (x >= 0.5), 1 - x, x)
-        return (x - self.mean) / self.std
+            x = _on_subset(x, p["solarize"], lambda y: TF.solarize(y, 0.5))
+        return TF.normalize(x, self.mean, self.std)
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, generator: torch.Generator,
+                return_params: bool = False):
+        """Views of ``images`` (on their device) with parameters drawn from the CPU ``generator``;
+        float32 even inside an autocast region. With ``return_params``: (views, params)."""
         with torch.autocast(images.device.type, enabled=False):
             p = self.sample_params(images.shape[0], images.shape[2], images.shape[3], generator)
-            return self.apply(images, p)
+            out = self.apply(images, p)
+        return (out, p) if return_params else out
+
+
+class CenterResize(nn.Module):
+    """Deterministic evaluation view: uint8 (B, 1|3, H, W) → normalised float32 (B, 3, size, size).
+
+    The shorter side is resized (bilinear, antialiased: this is a downscale in the usual ImageNet
+    protocol) to ``round(size / crop_frac)``, then the centre ``size``² is cut (``crop_frac=0.875``
+    gives the classic 256 → 224). No randomness, so torchvision's ops apply to the whole batch."""
+
+    def __init__(self, size: int, crop_frac: float = 1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        if not 0 < crop_frac <= 1:
+            raise ValueError(f"crop_frac must be in (0, 1], got {crop_frac}")
+        self.size, self.crop_frac = int(size), float(crop_frac)
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(images.device.type, enabled=False):
+            x = _float3(images)
+            short = round(self.size / self.crop_frac)
+            if min(x.shape[-2:]) != short:
+                x = TF.resize(x, [short], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+            x = TF.center_crop(x, [self.size, self.size])
+            return TF.normalize(x.contiguous(), self.mean, self.std)
