@@ -65,6 +65,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
     tmp = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        for stale in final.parent.glob(".old-step-*"):  # left by a kill inside _discard
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
@@ -76,12 +78,22 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
             f.flush()
             os.fsync(f.fileno())
         if final.exists():  # re-saving the same step (e.g. preempted right after a save)
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint: renamed out of the ``step-N`` names first (atomic), so that a kill in
+    the middle of the delete never leaves a half-deleted ``step-N`` that still has its
+    ``trainer.json`` and would pass for complete."""
+    trash = path.with_name(f".old-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:

@@ -228,10 +228,15 @@ class Trainer:
                 if acc.is_main_process:
                     log.log(step, self.monitor.run(self.objective.backbone))
                 acc.wait_for_everyone()
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < self.total_steps:
+            saved = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < self.total_steps
+            if saved:
                 self.save()
             if self._stop_requested():
-                self.save()
+                if not saved:  # a second write of the same step would only eat the grace period
+                    self.save()
+                # no rank exits before rank 0's export is written: launchers that kill the rest
+                # on the first non-zero exit (srun --kill-on-bad-exit, torchrun) cut nothing short
+                acc.wait_for_everyone()
                 acc.print(f"stopped by signal at step {step}; checkpoint written, exit "
                           f"{REQUEUE_EXIT_CODE} (requeue)")
                 bar.close()
