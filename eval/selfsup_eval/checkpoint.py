@@ -1,7 +1,17 @@
 """Exported backbones → eval-mode models, from the public export format only (docs/formats.md).
 
-Nothing here imports the trainer: a checkpoint is a safetensors file whose ``selfsup`` metadata
-says how to rebuild the timm model, how to preprocess and how to pool.
+Why a separate loader and not the trainer's: an exported ``.safetensors`` is the contract between
+pretraining and evaluation, so evaluation must work with nothing but timm, torch and safetensors
+(any user can do the same). The file's ``selfsup`` metadata says how to rebuild the timm model
+(``model_name``, ``model_kwargs``, the ``small_stem`` replacement), how to preprocess
+(``input_size``, ``mean``, ``std``, ``in_chans``) and how to pool (``head`` or ``mean_patch``).
+
+The model is put in **eval mode**: BatchNorm uses its running statistics, so a sample's features
+do not depend on the rest of its batch (lightly #1444 is what happens otherwise).
+
+``raw-pixels`` is a pseudo-checkpoint: an identity "backbone" whose features are the decoded
+pixels in [0, 1], flattened, so the raw-pixel baseline goes through exactly the same decoding,
+caching, k-NN and linear code as a real checkpoint.
 """
 
 from __future__ import annotations
@@ -9,91 +19,212 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 RAW = "raw-pixels"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model_name", "model_kwargs", "input_size", "mean", "std")
+STEP_FILE = re.compile(r"backbone-step(\d+)\.safetensors")
 
 
 class EvalError(ValueError):
-    """A user-fixable problem, printed as one line."""
+    """A user-fixable problem; the CLI prints it as one line and exits with status 2."""
 
 
 @dataclass
 class Backbone:
-    name: str  # what the table shows
-    path: str
-    meta: dict
+    """A frozen, eval-mode feature extractor plus what is needed to feed it and to cache it."""
+
+    name: str  # what the table shows, e.g. "dcl@1200"
+    path: str  # the checkpoint as given (or "raw-pixels")
+    meta: dict  # the export's `selfsup` metadata (synthesised for raw-pixels)
     model: nn.Module | None  # None for raw pixels
-    digest: str  # content hash, part of the feature-cache key
+    digest: str  # sha256 of the file bytes (raw: of the raw settings): part of the cache key
+    extra: dict = field(default_factory=dict)
 
     @property
     def step(self) -> int:
-        return int(self.meta.get("step", -1))
+        try:
+            return int(self.meta.get("step", -1))
+        except (TypeError, ValueError):
+            return -1
+
+    @property
+    def is_raw(self) -> bool:
+        return self.model is None
+
+    @property
+    def in_chans(self) -> int | None:
+        """Channels the model takes (raw pixels: the data's own, set by :func:`resolve_raw`)."""
+        if self.is_raw:
+            return self.meta.get("channels")
+        return int(self.meta["model_kwargs"].get("in_chans", 3))
+
+    @property
+    def input_size(self) -> int | None:
+        size = self.meta.get("input_size")
+        return None if size is None else int(size)
+
+    def to(self, device) -> "Backbone":
+        if self.model is not None:
+            self.model.to(device)
+        return self
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of a normalised batch ``x`` (B, C, H, W), per the export's ``pool``."""
         if self.model is None:
             return x.flatten(1)
         if self.meta.get("pool", "head") == "mean_patch":
             tokens = self.model.forward_features(x)
-            return tokens[:, getattr(self.model, "num_prefix_tokens", 0):].mean(1)
+            if tokens.ndim != 3:
+                raise EvalError(f"{self.path}: pool 'mean_patch' needs token features (B, N, C) from "
+                                f"forward_features, got shape {tuple(tokens.shape)}")
+            return tokens[:, int(getattr(self.model, "num_prefix_tokens", 0)):].mean(1)
         return self.model(x)
 
 
 def read_metadata(path: Path) -> dict:
+    """The export's ``selfsup`` metadata, checked; :class:`EvalError` if it is not an export."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-    except Exception as e:
-        raise EvalError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # safetensors raises several types for non-safetensors bytes
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EvalError(f"{path} is not a readable safetensors file ({reason})") from None
     if "selfsup" not in meta:
         raise EvalError(f"{path} has no 'selfsup' metadata: not a selfsup export "
-                        "(export/backbone*.safetensors of a run)")
-    return json.loads(meta["selfsup"])
+                        "(expected RUN/export/backbone*.safetensors, see docs/formats.md)")
+    try:
+        info = json.loads(meta["selfsup"])
+    except ValueError:
+        raise EvalError(f"{path}: its 'selfsup' metadata is not JSON") from None
+    missing = [k for k in REQUIRED_KEYS if k not in info]
+    if not isinstance(info, dict) or missing:
+        raise EvalError(f"{path}: 'selfsup' metadata lacks {', '.join(missing) or 'keys'} "
+                        "(see docs/formats.md, exported backbone)")
+    if int(info.get("format", 1)) > FORMAT_VERSION:
+        raise EvalError(f"{path}: export format {info['format']} is newer than this selfsup-eval "
+                        f"reads ({FORMAT_VERSION}); upgrade selfsup")
+    if info.get("pool", "head") not in ("head", "mean_patch"):
+        raise EvalError(f"{path}: unknown pool {info['pool']!r} (expected 'head' or 'mean_patch')")
+    return info
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of the file bytes: a rewritten export at the same path gets a new cache key."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    return h.hexdigest()[:32]
+    return h.hexdigest()
+
+
+def build_model(meta: dict) -> nn.Module:
+    """Plain ``timm.create_model`` plus the ``small_stem`` replacement of formats.md."""
+    import timm
+
+    kwargs = dict(meta["model_kwargs"])
+    kwargs["num_classes"] = 0
+    try:
+        model = timm.create_model(meta["model_name"], pretrained=False, **kwargs)
+    except Exception as e:  # unknown model name, bad kwargs
+        raise EvalError(f"timm cannot build {meta['model_name']!r} with {kwargs} ({e})") from None
+    if meta.get("small_stem"):
+        if not (hasattr(model, "conv1") and hasattr(model, "bn1")):
+            raise EvalError(f"small_stem is set but {meta['model_name']} has no ResNet stem (conv1/bn1)")
+        in_chans = int(kwargs.get("in_chans", 3))
+        model.conv1 = nn.Conv2d(in_chans, model.bn1.num_features, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
 
 
 def load_backbone(path: str, raw_size: int | None = None) -> Backbone:
+    """Export file (or ``raw-pixels``) → eval-mode :class:`Backbone`; one-line errors."""
     if path == RAW:
-        meta = {"input_size": raw_size, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
-                "objective": "none", "step": 0, "pool": "pixels"}
-        return Backbone(RAW, RAW, meta, None, f"raw-{raw_size}")
-    import timm
+        return raw_backbone(raw_size)
     from safetensors.torch import load_file
 
     p = Path(path)
     if not p.is_file():
         raise EvalError(f"checkpoint not found: {path}")
     meta = read_metadata(p)
-    model = timm.create_model(meta["model_name"], pretrained=False, **meta["model_kwargs"])
-    if meta.get("small_stem"):
-        in_chans = meta["model_kwargs"].get("in_chans", 3)
-        model.conv1 = nn.Conv2d(in_chans, model.bn1.num_features, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()
+    model = build_model(meta)
     try:
         model.load_state_dict(load_file(str(p)))
     except RuntimeError as e:
-        raise EvalError(f"{path}: weights do not fit {meta['model_name']} ({str(e).splitlines()[0]})") from None
+        reason = " ".join(str(e).split())
+        raise EvalError(f"{path}: weights do not fit {meta['model_name']} "
+                        f"({reason[:300]}{'...' if len(reason) > 300 else ''})") from None
     model.eval()  # BatchNorm uses its running statistics (lightly #1444)
-    run = p.parent.parent.name if p.parent.name == "export" else p.stem
-    return Backbone(f"{run}@{meta.get('step', '?')}", str(p), meta, model, file_digest(p))
+    model.requires_grad_(False)
+    bb = Backbone(f"{run_name(p)}@{meta.get('step', '?')}", str(path), meta, model, file_digest(p))
+    check_feature_dim(bb)
+    return bb
+
+
+def check_feature_dim(bb: Backbone) -> None:
+    """One forward of a blank image: a wrong ``pool``/``feature_dim`` fails here, not mid-run."""
+    expected = bb.meta.get("feature_dim")
+    size = bb.input_size
+    x = torch.zeros(1, bb.in_chans, size, size)
+    try:
+        dim = bb.features(x).shape[-1]
+    except EvalError:
+        raise
+    except Exception as e:
+        raise EvalError(f"{bb.path}: the model fails on a {size}x{size} input ({e})") from None
+    if expected is not None and int(expected) != dim:
+        raise EvalError(f"{bb.path}: metadata says feature_dim {expected} but the {bb.meta.get('pool', 'head')} "
+                        f"features have {dim} dimensions")
+    bb.meta.setdefault("feature_dim", dim)
+
+
+def raw_backbone(raw_size: int | None) -> Backbone:
+    """The checkpoint-free baseline. Channels and, without ``--raw-size``, the size come from
+    the first train sample (:func:`resolve_raw`), so train and val features match."""
+    meta = {"model_name": None, "input_size": raw_size, "objective": "none", "step": 0,
+            "pool": "pixels", "channels": None}
+    return Backbone(RAW, RAW, meta, None, "")
+
+
+def resolve_raw(bb: Backbone, size: tuple[int, int], channels: int) -> None:
+    """Fix the raw baseline's transform from the first train image (W, H) and channel count."""
+    if bb.meta.get("input_size") is None:
+        w, h = size
+        bb.meta["input_size"] = min(w, h)
+    bb.meta["channels"] = channels
+    bb.meta["mean"], bb.meta["std"] = [0.0] * channels, [1.0] * channels  # pixels in [0, 1]
+    blob = json.dumps({"raw": 1, "size": bb.meta["input_size"], "channels": channels})
+    bb.digest = hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_name(p: Path) -> str:
+    return p.parent.parent.name if p.parent.name == "export" else p.stem
+
+
+def run_dir_of(path: str) -> str | None:
+    """The run directory an export belongs to (groups curves in accuracy_vs_step.png)."""
+    if path == RAW:
+        return None
+    p = Path(path)
+    return str(p.parent.parent) if p.parent.name == "export" else str(p.parent)
+
+
+def _step_of(f: Path) -> int:
+    m = STEP_FILE.fullmatch(f.name)
+    return int(m.group(1)) if m else -1
 
 
 def expand_checkpoints(items: list[str]) -> list[str]:
-    """Files stay; a run directory becomes its per-step exports, ordered by step."""
+    """Files stay as given; a run directory becomes its ``export/backbone-step*.safetensors``
+    ordered by step, or its ``export/backbone.safetensors`` when it has no per-step exports."""
     out = []
     for item in items:
         p = Path(item)
@@ -101,11 +232,12 @@ def expand_checkpoints(items: list[str]) -> list[str]:
             out.append(item)
         elif p.is_dir():
             export = p / "export" if (p / "export").is_dir() else p
-            steps = sorted(export.glob("backbone-step*.safetensors"),
-                           key=lambda f: int(re.sub(r"\D", "", f.stem) or 0))
-            found = steps or sorted(export.glob("backbone.safetensors"))
+            steps = sorted((f for f in export.glob("backbone-step*.safetensors") if _step_of(f) >= 0),
+                           key=_step_of)
+            found = steps or [f for f in [export / "backbone.safetensors"] if f.is_file()]
             if not found:
-                raise EvalError(f"{item} holds no exported checkpoint (export/backbone*.safetensors)")
+                raise EvalError(f"{item} holds no exported checkpoint (expected "
+                                f"{export}/backbone-step*.safetensors or backbone.safetensors)")
             out.extend(str(f) for f in found)
         else:
             raise EvalError(f"checkpoint not found: {item}")

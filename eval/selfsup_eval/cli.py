@@ -1,8 +1,21 @@
 """``selfsup-eval {knn,linear,all} CHECKPOINT... --train SHARDS --val SHARDS``.
 
-CHECKPOINT: an exported ``.safetensors``, a run directory (all its exports, by step), or
-``raw-pixels`` (the checkpoint-free baseline: the pixels themselves are the features). Features are
-extracted once per checkpoint and cached, so ``all`` and reruns cost one extraction.
+CHECKPOINT is an exported ``.safetensors`` file, a run directory (every
+``export/backbone-step*.safetensors`` in it ordered by step, else ``export/backbone.safetensors``)
+or ``raw-pixels`` (no network: the decoded pixels in [0, 1] are the features, at their native
+size or ``--raw-size``). ``--baseline CHECKPOINT`` adds a reference evaluated by k-NN only and
+listed first (``--baseline raw-pixels``).
+
+Protocol (printed as one line with the table, as DINO's eval scripts do): frozen backbone in eval
+mode; decode, resize the shorter side to the checkpoint's input size and centre-crop it (exact
+no-op at that size), [0, 1], the checkpoint's mean/std, its pooling; bf16 autocast on GPU, fp32
+on CPU; features extracted once per (checkpoint, shards, transform) and cached, so ``all``, a
+second k or a rerun cost no extraction. k-NN: :mod:`selfsup_eval.knn`; linear probe:
+:mod:`selfsup_eval.linear` (the cached-feature protocol, no augmentation).
+
+Runs under ``torchrun`` / ``accelerate launch``: extraction is split across processes and
+gathered; only rank 0 computes the probes, prints and writes. Bad input exits with status 2 and
+one ``selfsup-eval: error: ...`` line, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,106 +26,215 @@ import sys
 
 import torch
 
-from selfsup_eval.checkpoint import RAW, EvalError, expand_checkpoints, load_backbone
-from selfsup_eval.features import cached_features, dist_info
+from selfsup_eval import report
+from selfsup_eval.checkpoint import (RAW, EvalError, expand_checkpoints, load_backbone, read_metadata,
+                                     resolve_raw, run_dir_of)
+from selfsup_eval.data import first_sample, image_info
+from selfsup_eval.features import cached_features, default_cache_dir, dist_info
 from selfsup_eval.knn import knn_classify, topk_accuracy
 from selfsup_eval.linear import linear_probe
-from selfsup_eval import report
 
-PROTOCOL = ("protocol: frozen backbone in eval mode, resize+centre-crop to the checkpoint's input "
-            "size, its mean/std and pooling; k-NN = cosine, exp(s/T) votes (DINO); linear = "
-            "cached features, no augmentation, L-BFGS logistic regression, wd chosen on 10% of train")
+PROTOCOL = ("protocol: frozen backbone in eval mode | resize shorter side + centre-crop to the "
+            "checkpoint's input_size, [0,1], its mean/std, its pooling; {precision} | k-NN: cosine "
+            "on L2-normalised features, k nearest vote exp(s/T), T={temperature} | linear: cached "
+            "features, no augmentation (the cached-feature protocol, not the papers' 90-epoch "
+            "augmented probe), L-BFGS logistic regression on standardised features, weight decay "
+            "chosen on a seeded 10% hold-out of train, refit on all of train")
+
+
+DEFAULT_KS = (10, 20, 100, 200)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfsup-eval", description="k-NN and linear probes of "
+                                "exported selfsup backbones on labelled WebDataset shards.")
+    p.add_argument("mode", choices=("knn", "linear", "all"), help="all: both, from one extraction")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="export .safetensors, run directory (all its exports, by step), or raw-pixels")
+    p.add_argument("--train", required=True, metavar="SHARDS", help="labelled train shards (docs/formats.md)")
+    p.add_argument("--val", required=True, metavar="SHARDS", help="labelled val shards")
+    p.add_argument("--k", type=int, nargs="+", default=None,
+                   help=f"k-NN sweep, one pass (default {' '.join(map(str, DEFAULT_KS))}, those "
+                   "up to the train set size)")
+    p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote weight exp(s/T)")
+    p.add_argument("--baseline", action="append", default=[], metavar="CHECKPOINT",
+                   help="reference evaluated by k-NN only and listed first (e.g. raw-pixels); repeatable")
+    p.add_argument("--raw-size", type=int, default=None, metavar="N",
+                   help="raw-pixels: resize + centre-crop to N (default: native size)")
+    p.add_argument("--out", metavar="DIR", help="write results.json, results.csv, accuracy_vs_step.png")
+    p.add_argument("--cache-dir", default=None,
+                   help="feature cache (default $SELFSUP_EVAL_CACHE or ~/.cache/selfsup-eval)")
+    p.add_argument("--no-cache", action="store_true", help="extract without reading or writing the cache")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=None, help="image-decoding threads (default min(4, CPUs))")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="selfsup-eval", description="k-NN and linear probes of exported backbones.")
-    p.add_argument("mode", choices=("knn", "linear", "all"))
-    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                   help="export .safetensors, run directory, or raw-pixels")
-    p.add_argument("--train", required=True, help="labelled train shards (see docs/formats.md)")
-    p.add_argument("--val", required=True, help="labelled val shards")
-    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--baseline", action="append", default=[], metavar="CHECKPOINT",
-                   help="evaluated by k-NN only and listed first (e.g. raw-pixels); repeatable")
-    p.add_argument("--out", help="directory for results.json, results.csv, accuracy_vs_step.png")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--raw-size", type=int, default=None, help="resize raw-pixels inputs to this side")
-    p.add_argument("--cache-dir", default=os.environ.get("SELFSUP_EVAL_CACHE",
-                                                         os.path.expanduser("~/.cache/selfsup-eval")))
-    p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p, p.parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.explicit_k = args.k is not None
+    args.k = args.k or list(DEFAULT_KS)
+    if min(args.k) < 1:
+        p.error("--k values must be at least 1")
+    if args.temperature <= 0:
+        p.error("--temperature must be positive")
+    if args.batch_size < 1 or (args.raw_size is not None and args.raw_size < 1):
+        p.error("--batch-size and --raw-size must be positive")
+    return args
 
 
-def shard_urls(spec: str, what: str):
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def resolve(spec: str, what: str):
+    """Shards via the one allowed import from the trainer package: selfsup.shards."""
     from selfsup.shards import ShardSpecError, resolve_shards
 
     try:
         return resolve_shards(spec, ("train",) if what == "train" else ("val", "test"))
     except ShardSpecError as e:
-        raise EvalError(f"--{what}: {e}") from None
+        raise EvalError(f"--{what}: {one_line(e)}") from None
+
+
+def check_labelled(shards, what: str) -> None:
+    """Fail before a long extraction when the first sample already shows unlabelled shards."""
+    s = first_sample(shards.urls)
+    if s is not None and s.label is None and not s.bad_label:
+        raise EvalError(f"--{what} {shards.spec}: sample {s.key} has no 'cls' label: k-NN and linear "
+                        "probes need labelled shards (selfsup-shards with labels)")
+
+
+def check_class_sets(train, val, ftrain: dict | None = None, fval: dict | None = None) -> None:
+    """Index class names when both shard sets have them, else the labels actually seen."""
+    if train.class_names is not None and val.class_names is not None:
+        if list(train.class_names) != list(val.class_names):
+            raise EvalError(f"train and val shards have different class sets ({len(train.class_names)} vs "
+                            f"{len(val.class_names)} classes in their index class_names): write both "
+                            "splits from the same source")
+    elif ftrain is not None and fval is not None:
+        unseen = sorted(set(fval["label"].tolist()) - set(ftrain["label"].tolist()))
+        if unseen:
+            raise EvalError(f"mismatched class sets: val has label(s) {unseen[:5]} that no train sample has")
+
+
+def check_k(args, n_train: int) -> None:
+    """An explicit k above the train size is an error; the default sweep just stops there."""
+    if max(args.k) <= n_train:
+        return
+    if args.explicit_k or min(args.k) > n_train:
+        raise EvalError(f"--k {max(args.k)} is larger than the train set ({n_train} samples)")
+    args.k = [k for k in args.k if k <= n_train]
+
+
+def prepare_raw(bb, train) -> None:
+    s = first_sample(train.urls)
+    if s is None or s.data is None:
+        raise EvalError("raw-pixels: cannot read the first train image to fix the raw size")
+    size, channels = image_info(s.data)
+    resolve_raw(bb, size, channels)
 
 
 def evaluate(args) -> list[dict]:
-    rank, _ = dist_info()
-    train, val = shard_urls(args.train, "train"), shard_urls(args.val, "val")
-    if train.class_names and val.class_names and train.class_names != val.class_names:
-        raise EvalError(f"train and val shards have different class sets ({len(train.class_names)} "
-                        f"vs {len(val.class_names)} classes): write both splits from the same source")
-    cache = None if args.no_cache else args.cache_dir
+    rank, world = dist_info()
+    train, val = resolve(args.train, "train"), resolve(args.val, "val")
+    check_class_sets(train, val)
+    check_labelled(train, "train")
+    check_labelled(val, "val")
+    entries = [(p, True) for p in expand_checkpoints(args.baseline)]
+    entries += [(p, False) for p in expand_checkpoints(args.checkpoints)]
+    for path, _ in entries:  # every export checked before the first (long) extraction
+        if path != RAW:
+            read_metadata(path)
+    if train.num_samples is not None:
+        check_k(args, train.num_samples)
+    cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    kw = dict(batch_size=args.batch_size, device=args.device, workers=args.workers)
     records = []
-    baselines = expand_checkpoints(args.baseline)
-    for path in baselines + expand_checkpoints(args.checkpoints):
+    for path, baseline in entries:
         bb = load_backbone(path, args.raw_size)
-        kw = dict(batch_size=args.batch_size, device=args.device)
-        ftrain = cached_features(bb, train.urls, cache, desc=f"{bb.name} train", **kw)
-        fval = cached_features(bb, val.urls, cache, desc=f"{bb.name} val", **kw)
-        if len(ftrain["label"]) == 0 or len(fval["label"]) == 0:
-            raise EvalError("no decodable samples in the train or val shards")
-        unseen = set(fval["label"].tolist()) - set(ftrain["label"].tolist())
-        if unseen:
-            raise EvalError(f"val has classes absent from train ({sorted(unseen)[:5]}): mismatched class sets")
-        record = {"name": bb.name, "path": bb.path, "step": bb.step,
-                  "objective": bb.meta.get("objective"), "train_samples": len(ftrain["label"]),
-                  "val_samples": len(fval["label"]),
-                  "corrupt_samples": ftrain["corrupt"] + fval["corrupt"]}
-        if args.mode in ("knn", "all"):
-            if max(args.k) > len(ftrain["label"]):
-                raise EvalError(f"--k {max(args.k)} is larger than the train set ({len(ftrain['label'])} samples)")
-            dev = args.device
-            ranked = knn_classify(ftrain["features"].to(dev), ftrain["label"], fval["features"].to(dev),
-                                  ks=args.k, temperature=args.temperature)
-            record["knn"] = {f"k={k}": topk_accuracy(r, fval["label"], 1) for k, r in ranked.items()}
-            record["knn_top5"] = {f"k={k}": topk_accuracy(r, fval["label"], 5) for k, r in ranked.items()}
-            record["knn_temperature"] = args.temperature
-        if args.mode in ("linear", "all") and rank == 0 and path not in baselines:
-            record["linear"] = linear_probe(ftrain["features"], ftrain["label"], fval["features"],
-                                            fval["label"], device=args.device)
+        if bb.is_raw:
+            prepare_raw(bb, train)
+        ftrain = cached_features(bb, train.urls, cache, desc=f"{bb.name} train", total=train.num_samples, **kw)
+        fval = cached_features(bb, val.urls, cache, desc=f"{bb.name} val", total=val.num_samples, **kw)
+        bb.model = None  # free the weights before the next checkpoint
+        n_train, n_val = len(ftrain["label"]), len(fval["label"])
+        if n_train == 0 or n_val == 0:
+            raise EvalError(f"no decodable labelled samples in the {'train' if n_train == 0 else 'val'} shards")
+        check_class_sets(train, val, ftrain, fval)
+        check_k(args, n_train)
+        record = {"name": bb.name, "path": path, "run": run_dir_of(path), "baseline": baseline,
+                  "step": bb.step, "objective": bb.meta.get("objective"),
+                  "feature_dim": bb.meta.get("feature_dim"), "train_samples": n_train,
+                  "val_samples": n_val, "corrupt_samples": ftrain["corrupt"] + fval["corrupt"],
+                  "corrupt_keys": (ftrain["corrupt_keys"] + fval["corrupt_keys"])[:5]}
+        if rank == 0:
+            probe(args, record, ftrain, fval, baseline)
         records.append(record)
     return records
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser, args = parse(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
+def probe(args, record: dict, ftrain: dict, fval: dict, baseline: bool) -> None:
+    """k-NN and/or linear on rank 0's gathered features (on ``--device``)."""
+    dev = args.device
+    if args.mode in ("knn", "all") or baseline:
+        ranked = knn_classify(ftrain["features"].to(dev), ftrain["label"], fval["features"].to(dev),
+                              ks=args.k, temperature=args.temperature)
+        record["knn"] = {f"k={k}": topk_accuracy(r, fval["label"], 1) for k, r in ranked.items()}
+        record["knn_top5"] = {f"k={k}": topk_accuracy(r, fval["label"], 5) for k, r in ranked.items()}
+        record["knn_temperature"] = args.temperature
+    if args.mode in ("linear", "all") and not baseline:
+        record["linear"] = linear_probe(ftrain["features"], ftrain["label"], fval["features"],
+                                        fval["label"], device=dev)
 
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+def _init_distributed(args) -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse(argv)
+    except SystemExit as e:  # argparse: usage + one error line, status 2
+        return int(e.code or 0)
+    started = _init_distributed(args)
     try:
         records = evaluate(args)
-    except (EvalError, ValueError) as e:
-        print(f"selfsup-eval: error: {e}", file=sys.stderr)
+        rank = dist_info()[0]
+        if rank == 0:
+            precision = "bf16 autocast (GPU)" if args.device.startswith("cuda") else "fp32 (CPU)"
+            print(PROTOCOL.format(precision=precision, temperature=args.temperature))
+            print(report.table(records))
+            for r in records:
+                if r["corrupt_samples"]:
+                    print(f"note: {r['name']}: skipped {r['corrupt_samples']} corrupt sample(s), e.g. "
+                          f"{', '.join(r['corrupt_keys'])}")
+            if args.out:
+                report.write(args.out, records)
+                print(f"results: {os.path.join(args.out, 'results.json')}")
+        return 0
+    except (ValueError, OSError) as e:  # EvalError, ShardSpecError, unwritable --out, ...
+        print(f"selfsup-eval: error: {one_line(e)}", file=sys.stderr)
         return 2
-    if dist_info()[0] == 0:
-        print(PROTOCOL)
-        print(report.table(records))
-        if args.out:
-            report.write(args.out, records)
-            print(f"results: {args.out}/results.json")
-    return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

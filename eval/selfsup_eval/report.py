@@ -1,4 +1,11 @@
-"""Results: a terminal table, results.json, results.csv and accuracy_vs_step.png (atomic writes)."""
+"""Results: a terminal table, ``results.json``, ``results.csv`` and ``accuracy_vs_step.png``.
+
+Every file is written to a temporary name in the output folder and renamed into place, so a
+reader (a dashboard, a sweep script) never sees a half-written file and an interrupted run
+leaves the previous results intact. The plot is drawn only when some run contributes at least
+two checkpoints (a curve needs two points); baselines (``--baseline``, e.g. raw pixels) are
+drawn as horizontal lines for reference.
+"""
 
 from __future__ import annotations
 
@@ -10,66 +17,115 @@ from pathlib import Path
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _ks(records: list[dict]) -> list[str]:
+    return sorted({k for r in records for k in r.get("knn", {})}, key=lambda s: int(s[2:]))
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
 
 
 def table(records: list[dict]) -> str:
-    ks = sorted({k for r in records for k in r.get("knn", {})}, key=lambda s: int(s[2:]))
-    head = ["checkpoint", "step"] + [f"kNN {k}" for k in ks]
-    if any("linear" in r for r in records):
+    """A markdown-style table: k-NN top-1 per k, linear top-1/top-5, in percent."""
+    ks = _ks(records)
+    head = ["checkpoint", "step", "objective"] + [f"kNN {k} top1" for k in ks]
+    linear = any("linear" in r for r in records)
+    if linear:
         head += ["linear top1", "linear top5"]
     rows = []
     for r in records:
-        row = [r["name"], str(r["step"])] + [f"{100 * r['knn'][k]:.2f}" if k in r.get("knn", {}) else "-" for k in ks]
-        if "linear" in head[-2]:
-            lin = r.get("linear")
-            row += [f"{100 * lin['top1']:.2f}", f"{100 * lin['top5']:.2f}"] if lin else ["-", "-"]
+        row = [r["name"], str(r["step"]), str(r.get("objective") or "-")]
+        row += [_pct(r.get("knn", {}).get(k)) for k in ks]
+        if linear:
+            lin = r.get("linear") or {}
+            row += [_pct(lin.get("top1")), _pct(lin.get("top5"))]
         rows.append(row)
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+
+    def fmt(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows])
 
 
-def write(out_dir: str, records: list[dict]) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", json.dumps(records, indent=1).encode())
+def to_csv(records: list[dict]) -> str:
+    ks = _ks(records)
     buf = io.StringIO()
-    ks = sorted({k for r in records for k in r.get("knn", {})}, key=lambda s: int(s[2:]))
-    writer = csv.writer(buf)
-    writer.writerow(["path", "step", "objective"] + [f"knn_{k}" for k in ks] +
-                    ["linear_top1", "linear_top5", "linear_wd"])
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["name", "path", "step", "objective"] + [f"knn_top1_{k}" for k in ks]
+                    + [f"knn_top5_{k}" for k in ks]
+                    + ["linear_top1", "linear_top5", "linear_lr", "linear_wd", "train_samples",
+                       "val_samples", "corrupt_samples"])
     for r in records:
         lin = r.get("linear") or {}
-        writer.writerow([r["path"], r["step"], r["objective"]] + [r.get("knn", {}).get(k, "") for k in ks] +
-                        [lin.get("top1", ""), lin.get("top5", ""), lin.get("wd", "")])
-    _atomic_write(out / "results.csv", buf.getvalue().encode())
-    runs = [r for r in records if r["path"] != "raw-pixels"]
-    if len(runs) > 1:
-        plot(out / "accuracy_vs_step.png", runs)
+        writer.writerow([r["name"], r["path"], r["step"], r.get("objective")]
+                        + [r.get("knn", {}).get(k, "") for k in ks]
+                        + [r.get("knn_top5", {}).get(k, "") for k in ks]
+                        + [lin.get("top1", ""), lin.get("top5", ""), lin.get("lr", ""),
+                           lin.get("wd", ""), r.get("train_samples", ""), r.get("val_samples", ""),
+                           r.get("corrupt_samples", "")])
+    return buf.getvalue()
 
 
-def plot(path: Path, records: list[dict]) -> None:
+def write(out_dir: str, records: list[dict]) -> list[Path]:
+    """Write results.json, results.csv and (when a run has ≥ 2 checkpoints) the plot."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.json", out / "results.csv"]
+    _atomic_write(written[0], (json.dumps(records, indent=1) + "\n").encode())
+    _atomic_write(written[1], to_csv(records).encode())
+    runs: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("run") and not r.get("baseline"):
+            runs.setdefault(r["run"], []).append(r)
+    curves = {run: sorted(rs, key=lambda r: r["step"]) for run, rs in runs.items() if len(rs) > 1}
+    if curves:
+        written.append(out / "accuracy_vs_step.png")
+        plot(written[-1], curves, [r for r in records if r.get("baseline")])
+    return written
+
+
+def plot(path: Path, curves: dict[str, list[dict]], baselines: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    steps = [r["step"] for r in records]
-    for k in sorted({k for r in records for k in r.get("knn", {})}, key=lambda s: int(s[2:])):
-        ax.plot(steps, [100 * r["knn"].get(k, float("nan")) for r in records], marker="o", label=f"k-NN {k}")
-    if any("linear" in r for r in records):
-        ax.plot(steps, [100 * r["linear"]["top1"] if "linear" in r else float("nan") for r in records],
-                marker="s", label="linear top-1")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    several = len(curves) > 1
+    for run, records in curves.items():
+        steps = [r["step"] for r in records]
+        label = f"{Path(run).name}: " if several else ""
+        for k in _ks(records):
+            ax.plot(steps, [100 * r["knn"][k] if k in r.get("knn", {}) else float("nan") for r in records],
+                    marker="o", label=f"{label}k-NN {k}")
+        if any("linear" in r for r in records):
+            ax.plot(steps, [100 * r["linear"]["top1"] if "linear" in r else float("nan") for r in records],
+                    marker="s", label=f"{label}linear")
+    for b, style in zip(baselines, ("--", ":", "-.") * len(baselines)):
+        knn = b.get("knn", {})
+        k = "k=20" if "k=20" in knn else next(iter(knn), None)  # one line per baseline
+        if k is not None:
+            ax.axhline(100 * knn[k], linestyle=style, linewidth=1, color="grey",
+                       label=f"{b['name']} k-NN {k} (baseline)")
     ax.set_xlabel("step")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel("val top-1 accuracy (%)")
+    ax.set_title(Path(next(iter(curves))).name if not several else "accuracy vs step")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
