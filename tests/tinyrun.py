@@ -22,14 +22,16 @@ TINY = ["data.decode_size=16", "data.num_workers=0", "data.shuffle_buffer=64", "
         "model.channels_last=false", "optim.name=adamw", "optim.lr=1e-2", "optim.weight_decay=1e-4",
         "optim.warmup_epochs=0", "train.batch_size=16", "train.precision=fp32", "train.log_every=1",
         "checkpoint.every_steps=0", "objective.proj_hidden_dim=64", "objective.proj_dim=32"]
+# ...for objectives without a projection head (I-JEPA): the same minus the head sizes
+TINY_NO_HEAD = [o for o in TINY if not o.startswith("objective.proj_")]
 MOCO = ["objective.queue_size=64", "objective.momentum=0.9"]  # the queue holds 4 steps of keys
 
 
-def train(recipe: str, shards, run_dir: Path, *overrides: str) -> int:
+def train(recipe: str, shards, run_dir: Path, *overrides: str, tiny=TINY) -> int:
     from selfsup.cli import train_main
 
     return train_main([str(ROOT / "recipes" / recipe), f"data.train={shards}", f"run.dir={run_dir}",
-                       *TINY, *overrides])
+                       *tiny, *overrides])
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -37,7 +39,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def run_recipe_and_evaluate(tmp_path: Path, recipe: str, *overrides: str, skip: int = 0,
-                            epochs: int = 15, window: int = 8):
+                            epochs: int = 15, window: int = 8, tiny=TINY):
     """Train ``recipe`` for ``epochs`` epochs of 64 images (4 steps each); assert a finite loss
     that falls (mean of the last ``window`` steps below that of the first ``window`` after
     ``skip``: MoCo's loss first *rises* while real keys replace the random queue); evaluate the
@@ -47,7 +49,7 @@ def run_recipe_and_evaluate(tmp_path: Path, recipe: str, *overrides: str, skip: 
     shards = write_shards(tmp_path / "s", n=64, split="train", shard_size=32)
     val = write_shards(tmp_path / "s", n=32, split="val", shard_size=32, seed=1)
     run = tmp_path / "run"
-    assert train(recipe, shards, run, f"train.epochs={epochs}", *overrides) == 0
+    assert train(recipe, shards, run, f"train.epochs={epochs}", *overrides, tiny=tiny) == 0
     curve = losses(run)
     assert len(curve) == 4 * epochs and all(math.isfinite(x) for x in curve)
     first, last = curve[skip:skip + window], curve[-window:]

@@ -214,7 +214,8 @@ class Trainer:
                 acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            momentum = self.objective.momentum(progress)
+            # EMA after optimizer step `step + 1` of total_steps: the last update uses progress 1
+            momentum = self.objective.momentum((step + 1) / self.total_steps)
             for online, target in self.objective.momentum_pairs():
                 ema_update(online, target, momentum)
             self.state["step"] += 1

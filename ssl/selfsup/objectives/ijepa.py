@@ -1,0 +1,194 @@
+"""I-JEPA (Assran et al. 2023): predict the target encoder's representations of masked image
+blocks from a context block, in latent space (../shared/methods.md §3).
+
+Pieces, following the official code (``facebookresearch/ijepa``):
+
+* **Encoders**: the backbone is a timm ViT without class token (``model.kwargs``:
+  ``class_token: false, global_pool: avg, fc_norm: false`` — the last keeps timm's final norm on
+  the tokens, where the official encoder has it). lightly's ``MaskedVisionTransformerTIMM`` runs it
+  on the kept context tokens only. Positional embeddings are fixed 2-D sin-cos. The target encoder
+  is a copy updated only by the trainer's EMA (:meth:`momentum_pairs`), momentum linear
+  0.996 → 1.0 over training (:meth:`momentum`; the trainer passes the progress *after* the step, so
+  the last update uses 1.0).
+* **Masks** (:mod:`selfsup.objectives.ijepa_masks`): 4 target blocks of one size per batch, one
+  context block without the targets. They are drawn here on the CPU, from the trainer's
+  checkpointed per-rank generator (positions) and a generator seeded by ``run.seed`` and a
+  checkpointed call counter (sizes, the same on every rank): a resumed run draws the same masks,
+  which the official data-loader collator cannot promise.
+* **Targets**: the full image through the target encoder, layer norm without affine over the
+  feature dimension, then the target patches gathered: (M·B, n_tgt, D).
+* **Predictor**: lightly's ``IJEPAPredictorTIMM`` (narrow ViT, mask tokens at the target positions,
+  one sequence per target block). Loss: smooth L1 as the official code (``loss: mse`` for the
+  paper's squared L2), in fp32.
+* **Init**: timm's truncated-normal init plus the official ``fix_init_weight`` (the output
+  projections of block ℓ divided by √(2ℓ)), in the encoder and the predictor.
+
+The optimiser (AdamW, weight decay cosine 0.04 → 0.4 via ``optim.weight_decay_end``, no decay on
+biases and norms) and the lr schedule are the trainer's. The export is the context encoder, pooled
+as the mean of its patch tokens (``pool: mean_patch``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from lightly.models.modules import IJEPAPredictorTIMM, MaskedVisionTransformerTIMM
+from lightly.models.utils import apply_masks, deactivate_requires_grad, repeat_interleave_batch
+from omegaconf import OmegaConf
+from timm.models.vision_transformer import VisionTransformer
+
+from selfsup.augment import BatchAugment
+from selfsup.config import RecipeError
+from selfsup.objectives.base import Objective, register
+from selfsup.objectives.ijepa_masks import MultiBlockMasks
+
+LOSSES = ("smooth_l1", "mse")
+
+
+def fix_init_weight(blocks) -> None:
+    """Official rescaling: attention and MLP output projections of block ℓ (1-based) / √(2ℓ)."""
+    with torch.no_grad():
+        for layer, block in enumerate(blocks, start=1):
+            block.attn.proj.weight.div_((2.0 * layer) ** 0.5)
+            block.mlp.fc2.weight.div_((2.0 * layer) ** 0.5)
+
+
+def _check_range(name: str, lo_hi, lo: float, hi: float) -> tuple[float, float]:
+    if len(lo_hi) != 2 or not lo <= lo_hi[0] <= lo_hi[1] <= hi:
+        raise RecipeError(f"objective.{name} must be [low, high] with {lo} <= low <= high <= {hi}, "
+                          f"not {list(lo_hi)}")
+    return float(lo_hi[0]), float(lo_hi[1])
+
+
+@register("ijepa")
+class IJEPA(Objective):
+    export_pool = "mean_patch"
+
+    @dataclass
+    class Config:
+        name: str = "ijepa"
+        pred_depth: int = 6  # the official code's default; its ViT-H configs use 12
+        pred_dim: int = 384
+        pred_heads: int = 0  # 0: the encoder's head count (official)
+        num_targets: int = 4
+        target_scale: List[float] = field(default_factory=lambda: [0.15, 0.2])
+        target_aspect: List[float] = field(default_factory=lambda: [0.75, 1.5])
+        num_context: int = 1
+        context_scale: List[float] = field(default_factory=lambda: [0.85, 1.0])
+        min_keep: int = 10
+        allow_overlap: bool = False
+        loss: str = "smooth_l1"  # smooth_l1 (official code) | mse (the paper's L2)
+        momentum: float = 0.996
+        momentum_end: float = 1.0
+
+    def __init__(self, cfg, backbone):
+        super().__init__(cfg, backbone)
+        oc = cfg.objective
+        self._check(cfg, backbone)
+        grid = backbone.patch_embed.grid_size
+        self.augment = BatchAugment(**OmegaConf.to_container(cfg.augment))
+        try:
+            self.masks = MultiBlockMasks(grid, oc.num_targets, oc.target_scale, oc.target_aspect,
+                                         oc.num_context, oc.context_scale, oc.min_keep, oc.allow_overlap)
+        except ValueError as e:
+            raise RecipeError(f"objective ijepa: {e} (objective.min_keep, objective.target_scale)") from None
+        fix_init_weight(backbone.blocks)
+        # sin-cos positions, fixed as in the official encoder; the unused mask token stays frozen
+        self.encoder = MaskedVisionTransformerTIMM(backbone, weight_initialization="skip",
+                                                   pos_embed_initialization="sincos")
+        del self._modules["backbone"]  # reached as encoder.vit: one copy in checkpoints
+        backbone.pos_embed.requires_grad_(False)
+        self.encoder.mask_token.requires_grad_(False)
+        heads = oc.pred_heads or backbone.blocks[0].attn.num_heads
+        self.predictor = IJEPAPredictorTIMM(num_patches=grid[0] * grid[1], depth=oc.pred_depth,
+                                            mlp_dim=backbone.embed_dim,
+                                            predictor_embed_dim=oc.pred_dim, num_heads=heads)
+        fix_init_weight(self.predictor.decoder.blocks)
+        self.target = copy.deepcopy(self.encoder)
+        deactivate_requires_grad(self.target)
+        self.size_seed = int(cfg.run.seed) * 1_000_003
+        self.register_buffer("mask_calls", torch.zeros((), dtype=torch.long))  # checkpointed
+
+    @property
+    def backbone(self) -> VisionTransformer:
+        """The context encoder's ViT: what the trainer exports and the monitor evaluates."""
+        return self.encoder.vit
+
+    @staticmethod
+    def _check(cfg, backbone) -> None:
+        oc = cfg.objective
+        if not isinstance(backbone, VisionTransformer):
+            raise RecipeError(f"objective ijepa needs a timm ViT (model.name: vit_*), not "
+                              f"{type(backbone).__name__} ({cfg.model.name})")
+        if backbone.num_prefix_tokens:
+            raise RecipeError("objective ijepa: the ViT must have no class/register tokens; set "
+                              "model.kwargs.class_token=false and model.kwargs.global_pool=avg")
+        if isinstance(backbone.norm, torch.nn.Identity):
+            raise RecipeError("objective ijepa: the ViT's final norm is on the pooled feature "
+                              "(timm's fc_norm); set model.kwargs.fc_norm=false")
+        grid = backbone.patch_embed.grid_size
+        if cfg.augment.size != backbone.patch_embed.img_size[0]:
+            raise RecipeError(f"augment.size={cfg.augment.size} but the ViT is built for "
+                              f"{backbone.patch_embed.img_size[0]} px: set model.kwargs.img_size="
+                              f"{cfg.augment.size}")
+        if oc.loss not in LOSSES:
+            raise RecipeError(f"objective.loss must be one of {', '.join(LOSSES)}, not {oc.loss!r}")
+        _check_range("target_scale", oc.target_scale, 0.0, 1.0)
+        _check_range("context_scale", oc.context_scale, 0.0, 1.0)
+        _check_range("target_aspect", oc.target_aspect, 1e-3, 1e3)
+        if oc.num_targets < 1 or oc.num_context < 1:
+            raise RecipeError("objective.num_targets and objective.num_context must be >= 1")
+        if not 0 <= oc.min_keep < grid[0] * grid[1] // 2:
+            raise RecipeError(f"objective.min_keep={oc.min_keep} leaves no room on the "
+                              f"{grid[0]}x{grid[1]} patch grid")
+        if not 0 <= oc.momentum <= oc.momentum_end <= 1:
+            raise RecipeError("objective.momentum <= objective.momentum_end <= 1 is required")
+        if oc.pred_dim % (oc.pred_heads or backbone.blocks[0].attn.num_heads):
+            raise RecipeError(f"objective.pred_dim={oc.pred_dim} is not divisible by the predictor's "
+                              "head count (objective.pred_heads, default the encoder's)")
+
+    def momentum_pairs(self):
+        return [(self.encoder, self.target)]
+
+    def momentum(self, progress: float) -> float:
+        oc = self.cfg.objective
+        return oc.momentum + (oc.momentum_end - oc.momentum) * min(max(progress, 0.0), 1.0)
+
+    def sample_masks(self, batch_size: int, generator: torch.Generator):
+        """(context, targets) index lists for this batch; advances the checkpointed counter."""
+        size_gen = torch.Generator().manual_seed(self.size_seed + int(self.mask_calls))
+        self.mask_calls += 1
+        return self.masks(batch_size, size_gen, generator)
+
+    @torch.no_grad()
+    def targets(self, images: torch.Tensor, targets: list[torch.Tensor], repeat: int) -> torch.Tensor:
+        h = self.target.encode(images)
+        h = F.layer_norm(h.float(), (h.shape[-1],))  # no affine, over the feature dimension
+        return repeat_interleave_batch(apply_masks(h, targets), len(images), repeat=repeat)
+
+    def predict(self, images, context: list[torch.Tensor], targets: list[torch.Tensor]):
+        z = torch.cat([self.encoder.encode(images, idx_keep=m) for m in context])
+        return self.predictor(z, context, targets)
+
+    def loss_from_masks(self, images, context, targets):
+        h = self.targets(images, targets, repeat=len(context))
+        z = self.predict(images, context, targets).float()
+        if self.cfg.objective.loss == "mse":
+            loss = F.mse_loss(z, h)
+        else:
+            loss = F.smooth_l1_loss(z, h)
+        with torch.no_grad():
+            metrics = {"context_len": float(context[0].shape[1]), "target_len": float(targets[0].shape[1]),
+                       "pred_std": z.std(0).mean(), "mask_relaxed": float(self.masks.relaxed)}
+        return loss, metrics
+
+    def forward(self, batch, generator):
+        images = self.augment(batch["image"], generator)
+        context, targets = self.sample_masks(len(images), generator)
+        context = [m.to(images.device, non_blocking=True) for m in context]
+        targets = [m.to(images.device, non_blocking=True) for m in targets]
+        return self.loss_from_masks(images, context, targets)
