@@ -1,0 +1,152 @@
+"""Every objective on Fashion-MNIST at one image budget, several seeds: k-NN and linear top-1 of the
+exported backbone, wall time, next to the raw-pixel baseline (issue: evidence).
+
+Each run is the shipped recipe of the objective, put on Fashion-MNIST (``recipes/data/fashion_mnist.yaml``)
+and on the same small backbone and optimiser as ``make demo`` (timm resnet10t at 28 px, AdamW
+2e-3 per 256 images), trained for ``--images`` images (``train.max_steps = images / batch``), then
+``selfsup-eval all --k 20`` (T = 0.07, linear probe on cached features) with 20k train and 5k
+test images (``--eval-train/--eval-val`` for others). I-JEPA needs a ViT and
+JigClu a feature map that splits into 2x2 tiles, so those two keep their small recipes' backbones
+(`recipes/ijepa_vit_tiny.yaml`, `recipes/jigclu_small.yaml`) — the table says so.
+
+    python bench/methods.py [--images 60000] [--seeds 0 1 2] [--batch-size 256]
+        [--objectives infonce dcl dclw moco mochi infonce_halluc ijepa jigclu] [--out bench/results/methods]
+
+Run directories go to runs/bench-methods/. Results: one JSON line per run appended to OUT/runs.jsonl (reruns skip what is there), and a
+markdown table (mean ± half-range over seeds) printed and written to OUT/table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ["recipes/data/fashion_mnist.yaml"]
+# probes on 20k train / 5k test images (4 + 1 shards of 5000): a full 70k extraction per run costs
+# minutes on a CPU (4 for the ViT); the raw-pixel baseline uses the same subset
+TRAIN, VAL = "data/fashion-mnist/train-{000000..000003}.tar", "data/fashion-mnist/test-000000.tar"
+
+# the make-demo backbone and optimiser, shared by every contrastive run
+RESNET = ["model.name=resnet10t", "model.small_stem=false", "model.channels_last=false",
+          "data.decode_size=28", "augment.size=28", "augment.scale=[0.5,1.0]",
+          "optim.name=adamw", "optim.lr=2e-3", "optim.weight_decay=1e-4", "optim.momentum=0.9",
+          "optim.warmup_epochs=0.1", "optim.lr_scaling=linear"]
+HEAD = ["objective.temperature=0.2", "objective.proj_hidden_dim=512", "objective.proj_dim=128"]
+# MoCo at this scale: a 4096-key queue (16 steps of 256), momentum 0.99; MoCHi(256, 128, 64)
+MOCO = ["objective.queue_size=4096", "objective.momentum=0.99"]
+
+OBJECTIVES = {
+    "infonce": (["recipes/simclr.yaml"], RESNET + HEAD),
+    "dcl": (["recipes/dcl.yaml"], RESNET + HEAD),
+    "dclw": (["recipes/dclw.yaml"], RESNET + HEAD),
+    "moco": (["recipes/moco.yaml"], RESNET + HEAD + MOCO),
+    "mochi": (["recipes/mochi.yaml"], RESNET + HEAD + MOCO + [
+        "objective.mochi.n=256", "objective.mochi.s=128", "objective.mochi.s_prime=64",
+        "objective.mochi.start_epoch=0.05"]),
+    "infonce_halluc": (["recipes/simclr.yaml"], RESNET + HEAD + [
+        "objective.hallucinator.enabled=true", "objective.hallucinator.hidden_dim=256"]),
+    "ijepa": (["recipes/ijepa_vit_tiny.yaml"], []),
+    "jigclu": (["recipes/jigclu_small.yaml"], []),
+}
+BACKBONE = {"ijepa": "ViT (6x192, patch 4, 32 px)", "jigclu": "jigclu_small.yaml's"}
+
+
+def run_one(name: str, seed: int, images: int, batch: int, out: Path, train: str, val: str) -> dict:
+    recipes, overrides = OBJECTIVES[name]
+    run_dir = ROOT / "runs" / "bench-methods" / f"{name}-b{batch}-s{seed}"
+    steps = max(1, images // batch)
+    args = [*recipes, *DATA, *overrides, f"run.dir={run_dir}", f"run.seed={seed}",
+            f"train.batch_size={batch}", f"train.max_steps={steps}", "train.precision=fp32",
+            "checkpoint.every_steps=0", "checkpoint.keep=1", "resume=none", "train.log_every=20"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    bindir = Path(sys.executable).parent
+    t0 = time.perf_counter()
+    subprocess.run([str(bindir / "selfsup-train"), *args], check=True, cwd=ROOT, env=env,
+                   stdout=subprocess.DEVNULL)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run([str(bindir / "selfsup-eval"), "all", str(run_dir / "export" / "backbone.safetensors"),
+                    "--train", train, "--val", val, "--k", "20", "--temperature", "0.07",
+                    "--out", str(run_dir / "eval")], check=True, cwd=ROOT, env=env,
+                   stdout=subprocess.DEVNULL)
+    eval_s = time.perf_counter() - t0
+    rec = json.loads((run_dir / "eval" / "results.json").read_text())[-1]
+    loss = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"objective": name, "seed": seed, "batch": batch, "images": steps * batch,
+            "knn20": rec["knn"]["k=20"], "linear": rec["linear"]["top1"], "train_s": round(train_s, 1),
+            "eval_s": round(eval_s, 1), "final_loss": loss[-1], "cpu_threads": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def raw_pixels(out: Path, train: str, val: str) -> dict:
+    path = out / "raw-pixels.json"
+    if not path.exists():
+        bindir = Path(sys.executable).parent
+        subprocess.run([str(bindir / "selfsup-eval"), "all", "raw-pixels", "--train", train, "--val", val,
+                        "--k", "20", "--out", str(ROOT / "runs" / "bench-methods" / "raw-eval")],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        rec = json.loads((ROOT / "runs" / "bench-methods" / "raw-eval" / "results.json").read_text())[-1]
+        path.write_text(json.dumps({"knn20": rec["knn"]["k=20"], "linear": rec["linear"]["top1"]}))
+    return json.loads(path.read_text())
+
+
+def fmt(values: list[float], scale: float = 100.0) -> str:
+    if len(values) == 1:
+        return f"{values[0] * scale:.2f}"
+    return f"{mean(values) * scale:.2f} ± {(max(values) - min(values)) * scale / 2:.2f}"
+
+
+def table(records: list[dict], raw: dict | None) -> str:
+    lines = ["| objective | batch | backbone | seeds | images | k-NN@20 top-1 | linear top-1 | train time |",
+             "|---|---|---|---|---|---|---|---|"]
+    if raw:
+        lines.append(f"| raw pixels | – | – | – | – | {raw['knn20'] * 100:.2f} | {raw['linear'] * 100:.2f} | – |")
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r["objective"], r["batch"]), []).append(r)
+    for (name, batch), rs in groups.items():
+        lines.append(f"| {name} | {batch} | {BACKBONE.get(name, 'resnet10t 28 px')} | {len(rs)} | "
+                     f"{rs[0]['images']} | {fmt([r['knn20'] for r in rs])} | {fmt([r['linear'] for r in rs])} | "
+                     f"{fmt([r['train_s'] / 60 for r in rs], 1)} min |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=60000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "methods")
+    p.add_argument("--no-raw", action="store_true", help="skip the raw-pixel baseline")
+    p.add_argument("--eval-train", default=TRAIN, help="labelled shards the probes train on")
+    p.add_argument("--eval-val", default=VAL, help="labelled shards the probes are scored on")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "runs.jsonl"
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    raw = None if args.no_raw else raw_pixels(args.out, args.eval_train, args.eval_val)
+    for seed in args.seeds:  # seed-major: a cut-short bench still has every objective once
+        for name in args.objectives:
+            if any(r["objective"] == name and r["seed"] == seed and r["batch"] == args.batch_size
+                   and r["images"] == max(1, args.images // args.batch_size) * args.batch_size for r in done):
+                continue
+            rec = run_one(name, seed, args.images, args.batch_size, args.out, args.eval_train, args.eval_val)
+            print(json.dumps(rec), flush=True)
+            with log.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            done.append(rec)
+    text = table(done, raw)
+    (args.out / "table.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
