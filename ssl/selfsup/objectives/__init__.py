@@ -10,5 +10,6 @@ from selfsup.objectives.base import Objective, build_objective, objective_config
 from selfsup.objectives import simclr  # noqa: E402,F401  (registers "simclr")
 from selfsup.objectives import moco  # noqa: E402,F401  (registers "moco")
 from selfsup.objectives import ijepa  # noqa: E402,F401  (registers "ijepa")
+from selfsup.objectives import jigclu  # noqa: E402,F401  (registers "jigclu")
 
 __all__ = ["Objective", "build_objective", "objective_config", "register", "registered"]
