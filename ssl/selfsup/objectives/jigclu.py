@@ -19,7 +19,8 @@ Following the official code (``dvlab-research/JigsawClustering``):
   bilinearly to an even grid when odd (official: 7×7 → 8×8, else a 2×2 pooling would share the
   centre row/column between tiles), then average-pooled 2×2. Cells (0,0), (0,1), (1,0), (1,1) of
   montage j are rows j, n+j, 2n+j, 3n+j, i.e. the order of the permuted G. Gathered from every
-  process with gradient.
+  process with gradient. A backbone whose last map at the montage size is under 2×2 is refused
+  (the four tiles would share one feature).
 * **Losses**: clustering = supervised contrastive loss (SupCon, all anchors, the anchor itself
   excluded from the denominator) of the L2-normalised MLP projections, positives = the other three
   patches of the same image (label = permutation mod n), scaled by ``temperature /
@@ -66,12 +67,17 @@ def montage(g: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) last feature map of a timm CNN, or a ViT's patch tokens on their grid."""
+    """(B, C, h, w) last feature map of a timm CNN (NHWC models such as Swin permuted back), or a
+    ViT's patch tokens on their grid. The grid comes from the input size, not ``grid_size``: a ViT
+    built with ``dynamic_img_size`` (timm's test_vit) may be fed montages of another size."""
     f = backbone.forward_features(x)
     if f.ndim == 3:  # ViT: (B, prefix + h*w, C)
         f = f[:, getattr(backbone, "num_prefix_tokens", 0):]
-        gh, gw = backbone.patch_embed.grid_size
+        pe = backbone.patch_embed
+        gh, gw = pe.dynamic_feat_size(x.shape[-2:]) if hasattr(pe, "dynamic_feat_size") else pe.grid_size
         f = f.transpose(1, 2).reshape(len(f), -1, gh, gw)
+    elif getattr(backbone, "output_fmt", "NCHW") == "NHWC":
+        f = f.permute(0, 3, 1, 2)
     return f
 
 
@@ -79,14 +85,26 @@ def freeze_unused(backbone: nn.Module, size: int) -> list[str]:
     """Freeze the backbone parameters that :func:`feature_map` never uses (timm's pooling-head
     norms: ConvNeXt's ``head.norm``, a ViT's ``fc_norm``). DDP waits for a gradient of every
     trainable parameter before it averages any, so one that never gets one silently stops the
-    gradient sync of the first step and fails the second. Returns their names."""
+    gradient sync of the first step and fails the second. Returns their names.
+
+    The same probe checks the montage size: a map smaller than 2x2 (an ImageNet-stem ResNet on a
+    32 px montage ends on 1x1) would give the four tiles one identical feature, and a ViT built for
+    another image size cannot take the montage at all; both are recipe errors, said in one line."""
     was = backbone.training
     backbone.eval()
-    with torch.enable_grad():
-        out = feature_map(backbone, torch.zeros(1, 3, size, size))
-        if out.requires_grad:
-            out.sum().backward()
-    backbone.train(was)
+    try:
+        with torch.enable_grad():
+            out = feature_map(backbone, torch.zeros(1, 3, size, size))
+            if out.requires_grad:
+                out.sum().backward()
+    except (RuntimeError, AssertionError, ValueError) as e:
+        msg = " ".join(str(e).split())
+        raise RecipeError(f"model cannot encode augment.size={size} montages: {msg}") from None
+    finally:
+        backbone.train(was)
+    if min(out.shape[-2:]) < 2:
+        raise RecipeError(f"the last feature map of a {size} px montage is {out.shape[-2]}x{out.shape[-1]}; "
+                          "the 2x2 tiles need at least 2x2: raise augment.size or set model.small_stem=true")
     unused = [name for name, p in backbone.named_parameters() if p.requires_grad and p.grad is None]
     for name, p in backbone.named_parameters():
         p.grad = None
@@ -152,6 +170,11 @@ class JigClu(Objective):
         self.register_buffer("perm_calls", torch.zeros((), dtype=torch.long))  # checkpointed
 
     def permutation(self, total: int) -> torch.Tensor:
+        """This step's permutation of the 4n patches (a CPU tensor). Not the trainer's generator:
+        that one is seeded per rank, and drawing from it would also make the permutation depend
+        on the process count. A fresh generator per call, seeded by ``run.seed`` and the number of
+        calls so far (a buffer, hence in checkpoints), is identical on every process with no
+        broadcast, for 1 or N processes of the same global batch, and across a resume."""
         g = torch.Generator().manual_seed(self.perm_seed + int(self.perm_calls))
         self.perm_calls += 1
         return torch.randperm(total, generator=g)
@@ -174,9 +197,10 @@ class JigClu(Objective):
         # G = [P0; P1; P2; P3] of the global batch: quadrant q of global image i is G[q·n + i]
         g = gather_cat(p.reshape(4, b, *p.shape[1:]).transpose(0, 1).contiguous(), grad=False)  # (n, 4, ...)
         g = g.transpose(0, 1).reshape(4 * n, *p.shape[1:])
-        perm = self.permutation(4 * n).to(p.device)
-        self.permutation_log = perm.detach().cpu()  # the last permutation, for inspection and tests
-        feats = tile_features(feature_map(self.backbone, montage(g[perm], n)[rank * b:(rank + 1) * b]))
+        self.permutation_log = self.permutation(4 * n)  # the last permutation, for inspection and tests
+        perm = self.permutation_log.to(p.device)
+        own = perm.view(4, n)[:, rank * b:(rank + 1) * b].reshape(-1)  # the cells of montages rank·b...
+        feats = tile_features(feature_map(self.backbone, montage(g[own], b)))  # only this process's b
         mine = (torch.arange(4, device=p.device)[:, None] * n + rank * b
                 + torch.arange(b, device=p.device)[None, :]).reshape(-1)
         return feats, perm, mine
