@@ -55,6 +55,7 @@ OBJECTIVES = {
     "ijepa": (["recipes/ijepa_vit_tiny.yaml"], []),
     "jigclu": (["recipes/jigclu_small.yaml"], []),
 }
+OWN_DATA = ("ijepa", "jigclu")
 BACKBONE = {"ijepa": "ViT (6x192, patch 4, 32 px)", "jigclu": "jigclu_small.yaml's"}
 
 
@@ -62,7 +63,9 @@ def run_one(name: str, seed: int, images: int, batch: int, out: Path, train: str
     recipes, overrides = OBJECTIVES[name]
     run_dir = ROOT / "runs" / "bench-methods" / f"{name}-b{batch}-s{seed}"
     steps = max(1, images // batch)
-    args = [*recipes, *DATA, *overrides, f"run.dir={run_dir}", f"run.seed={seed}",
+    # ijepa/jigclu recipes already merge the data recipe under their own augmentation
+    data = [] if name in OWN_DATA else DATA
+    args = [*recipes, *data, *overrides, f"run.dir={run_dir}", f"run.seed={seed}",
             f"train.batch_size={batch}", f"train.max_steps={steps}", "train.precision=fp32",
             "checkpoint.every_steps=0", "checkpoint.keep=1", "resume=none", "train.log_every=20"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -112,10 +115,12 @@ def table(records: list[dict], raw: dict | None) -> str:
     for r in records:
         groups.setdefault((r["objective"], r["batch"]), []).append(r)
     for (name, batch), rs in groups.items():
-        lines.append(f"| {name} | {batch} | {BACKBONE.get(name, 'resnet10t 28 px')} | {len(rs)} | "
+        mark = " †" if any("note" in r for r in rs) else ""
+        lines.append(f"| {name}{mark} | {batch} | {BACKBONE.get(name, 'resnet10t 28 px')} | {len(rs)} | "
                      f"{rs[0]['images']} | {fmt([r['knn20'] for r in rs])} | {fmt([r['linear'] for r in rs])} | "
                      f"{fmt([r['train_s'] / 60 for r in rs], 1)} min |")
-    return "\n".join(lines)
+    notes = sorted({r["note"] for r in records if "note" in r})
+    return "\n".join(lines + [f"\n† {n}" for n in notes])
 
 
 def main() -> None:
