@@ -56,7 +56,7 @@ OBJECTIVES = {
     "jigclu": (["recipes/jigclu_small.yaml"], []),
 }
 OWN_DATA = ("ijepa", "jigclu")
-BACKBONE = {"ijepa": "ViT (6x192, patch 4, 32 px)", "jigclu": "jigclu_small.yaml's"}
+BACKBONE = {"ijepa": "ViT (6x192, patch 4, 32 px)", "jigclu": "resnet10t, 64 px montages"}
 
 
 def run_one(name: str, seed: int, images: int, batch: int, out: Path, train: str, val: str) -> dict:
