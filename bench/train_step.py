@@ -32,6 +32,7 @@ from lightly.models.modules import SimCLRProjectionHead
 from selfsup.config import load_recipe
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
+from selfsup.schedules import ema_update
 from selfsup.trainer import make_accelerator
 
 LIGHTLY = {"infonce": NTXentLoss, "dcl": DCLLoss, "dclw": DCLWLoss}
@@ -86,20 +87,11 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
 
     # selfsup's trainer path
-    cfg = load_recipe("recipes/tiny.yaml", [f"model.name={args.model}", f"objective.loss={args.loss}",
-                                            "objective.temperature=0.1", "objective.proj_hidden_dim=2048",
-                                            "objective.proj_dim=128", "train.precision=fp32"])
-    acc = make_accelerator(cfg)
-    objective = build_objective(cfg, create_backbone(args.model))
-    sopt = torch.optim.AdamW(objective.parameters(), lr=1e-3)
-    model, sopt = acc.prepare(objective, sopt)
+    acc, model, objective, sopt = selfsup_objective(args, [
+        f"objective.loss={args.loss}", "objective.temperature=0.1", "objective.proj_hidden_dim=2048",
+        "objective.proj_dim=128"], device)
     batch = {"views": [v0, v1]}
-
-    def selfsup_step():
-        loss, _ = model(batch, None)
-        acc.backward(loss)
-        sopt.step()
-        sopt.zero_grad(set_to_none=True)
+    selfsup_step = trainer_step(acc, sopt, objective, lambda: model(batch, None)[0])
 
     report(args, device, *compare(plain_step, selfsup_step, args))
 
@@ -126,6 +118,19 @@ def report(args, device, t_plain: float, t_self: float) -> None:
     print(f"ratio selfsup / plain     : {ips_self / ips_plain:8.2f}")
 
 
+def trainer_step(acc, opt, objective, forward, momentum=None):
+    """The trainer's optimizer step as a closure: ``forward()`` gives the loss; accelerate
+    backward, step, and the EMA of the objective's momentum pairs when ``momentum`` is set."""
+    def step():
+        acc.backward(forward())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if momentum is not None:
+            for online, target in objective.momentum_pairs():
+                ema_update(online, target, momentum)
+    return step
+
+
 def selfsup_objective(args, overrides, device, recipe="recipes/tiny.yaml"):
     cfg = load_recipe(recipe, [f"model.name={args.model}", "train.precision=fp32", *overrides])
     acc = make_accelerator(cfg)
@@ -141,8 +146,6 @@ def moco_steps(args, v0, v1, device):
 
     from lightly.models.modules import MoCoProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
-
-    from selfsup.schedules import ema_update
 
     backbone = timm.create_model(args.model, pretrained=False, num_classes=0).to(device)
     head = MoCoProjectionHead(backbone.num_features, 2048, 128).to(device)
@@ -167,15 +170,7 @@ def moco_steps(args, v0, v1, device):
         "objective.queue_size=4096", "objective.momentum=0.99", "objective.proj_hidden_dim=2048",
         "objective.proj_dim=128"], device)
     batch = {"views": [v0, v1]}
-
-    def selfsup_step():
-        loss, _ = model(batch, None)
-        acc.backward(loss)
-        sopt.step()
-        sopt.zero_grad(set_to_none=True)
-        for online, target in objective.momentum_pairs():
-            ema_update(online, target, 0.99)
-
+    selfsup_step = trainer_step(acc, sopt, objective, lambda: model(batch, None)[0], momentum=0.99)
     return plain_step, selfsup_step
 
 
@@ -186,8 +181,6 @@ def ijepa_steps(args, v0, v1, device):
     from lightly.data import IJEPAMaskCollator
     from lightly.models.modules import IJEPAPredictorTIMM, MaskedVisionTransformerTIMM
     from lightly.models.utils import apply_masks, deactivate_requires_grad, repeat_interleave_batch, update_momentum
-
-    from selfsup.schedules import ema_update
 
     kwargs = dict(img_size=args.size, patch_size=4, depth=6, class_token=False, global_pool="avg", fc_norm=False)
     vit = timm.create_model(args.model, pretrained=False, num_classes=0, **kwargs).to(device)
@@ -220,13 +213,8 @@ def ijepa_steps(args, v0, v1, device):
         "objective.name=ijepa", "objective.pred_depth=4", "objective.pred_dim=96",
         "objective.min_keep=4", f"augment.size={args.size}", *kw], device, "recipes/ijepa_vit_tiny.yaml")
 
-    def selfsup_step():
-        loss, _ = objective.loss_from_masks(v0, enc, pred)
-        acc.backward(loss)
-        sopt.step()
-        sopt.zero_grad(set_to_none=True)
-        for online, target_ in objective.momentum_pairs():
-            ema_update(online, target_, 0.996)
+    selfsup_step = trainer_step(acc, sopt, objective, lambda: objective.loss_from_masks(v0, enc, pred)[0],
+                                momentum=0.996)
 
     return plain_step, selfsup_step
 
