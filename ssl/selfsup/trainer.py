@@ -60,6 +60,25 @@ def make_accelerator(cfg) -> Accelerator:
     return acc
 
 
+def build_model(cfg, acc: Accelerator):
+    """The recipe's backbone wrapped by its objective, with the recipe's memory format,
+    ``torch.compile`` and (several GPUs, BatchNorm) SyncBatchNorm: one place for the trainer and
+    ``bench/gpu.py``, so that a benchmark measures exactly the module a run trains."""
+    backbone = create_backbone(cfg.model.name, OmegaConf.to_container(cfg.model.kwargs),
+                               cfg.model.small_stem)
+    objective = build_objective(cfg, backbone)
+    if cfg.model.channels_last:
+        objective = objective.to(memory_format=torch.channels_last)
+        backbone.register_forward_pre_hook(
+            lambda m, args: (args[0].contiguous(memory_format=torch.channels_last),) + args[1:])
+    if cfg.model.compile:
+        backbone.compile()
+    if acc.num_processes > 1 and acc.device.type == "cuda" and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in objective.modules()):
+        objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+    return objective
+
+
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -67,18 +86,7 @@ class Trainer:
         acc = self.acc
         self.run_dir = Path(cfg.run.dir)
         set_seed(cfg.run.seed)  # identical initial weights on every process
-        backbone = create_backbone(cfg.model.name, OmegaConf.to_container(cfg.model.kwargs),
-                                   cfg.model.small_stem)
-        objective = build_objective(cfg, backbone)
-        if cfg.model.channels_last:
-            objective = objective.to(memory_format=torch.channels_last)
-            backbone.register_forward_pre_hook(
-                lambda m, args: (args[0].contiguous(memory_format=torch.channels_last),) + args[1:])
-        if cfg.model.compile:
-            backbone.compile()
-        if acc.num_processes > 1 and acc.device.type == "cuda" and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                                         for m in objective.modules()):
-            objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+        objective = build_model(cfg, acc)
 
         if not cfg.data.train:
             raise RecipeError("data.train is not set: pass data.train=SHARDS (see docs/formats.md)")
