@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -72,7 +73,14 @@ def build_model(cfg, acc: Accelerator):
         backbone.register_forward_pre_hook(
             lambda m, args: (args[0].contiguous(memory_format=torch.channels_last),) + args[1:])
     if cfg.model.compile:
-        backbone.compile()
+        entry = objective.backbone_entry
+        if entry is None:
+            warnings.warn(f"model.compile=true has no effect with objective {objective.name!r}: it "
+                          "runs the backbone's blocks itself, not a compilable backbone method")
+        elif entry == "forward":
+            backbone.compile()
+        else:
+            setattr(backbone, entry, torch.compile(getattr(backbone, entry)))
     if acc.num_processes > 1 and acc.device.type == "cuda" and any(
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in objective.modules()):
         objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)

@@ -39,6 +39,10 @@ class Objective(nn.Module):
     Config: type = ObjectiveConfig
     name: str = "base"
     export_pool: str = "head"  # how selfsup-eval pools the exported backbone (docs/formats.md)
+    # the backbone method the objective calls, which ``model.compile`` compiles; None when the
+    # objective runs the backbone's pieces itself (I-JEPA's masked encoder), so compiling the
+    # backbone would change nothing and the trainer says so instead of pretending
+    backbone_entry: str | None = "forward"
 
     def __init__(self, cfg, backbone: nn.Module):
         super().__init__()

@@ -67,6 +67,7 @@ def _check_range(name: str, lo_hi, lo: float, hi: float) -> tuple[float, float]:
 @register("ijepa")
 class IJEPA(Objective):
     export_pool = "mean_patch"
+    backbone_entry = None  # lightly's masked encoder calls the ViT's blocks, not its forward
 
     @dataclass
     class Config:

@@ -139,6 +139,7 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float, ancho
 
 @register("jigclu")
 class JigClu(Objective):
+    backbone_entry = "forward_features"  # tiles are cut from the feature map
     @dataclass
     class Config:
         name: str = "jigclu"
