@@ -11,6 +11,10 @@ JigClu a feature map that splits into 2x2 tiles, so those two keep their small r
 
     python bench/methods.py [--images 60000] [--seeds 0 1 2] [--batch-size 256]
         [--objectives infonce dcl dclw moco mochi infonce_halluc ijepa jigclu] [--out bench/results/methods]
+        [--parallel 1] [--precision fp32]
+
+On one GPU: ``python bench/methods.py --images 30000 --parallel 12 --precision bf16 --out
+bench/results/methods-gpu`` (the runs are small; 12 share the GPU and the CPU cores decode).
 
 Run directories go to runs/bench-methods/. Results: one JSON line per run appended to OUT/runs.jsonl (reruns skip what is there), and a
 markdown table (mean ± half-range over seeds) printed and written to OUT/table.md.
@@ -24,10 +28,16 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from statistics import mean
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+# the CLIs as modules of this interpreter: works in a venv and on a machine with only PYTHONPATH set
+TRAIN_CMD, EVAL_CMD = [sys.executable, "-m", "selfsup.cli"], [sys.executable, "-m", "selfsup_eval"]
+DEVICE = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 DATA = ["recipes/data/fashion_mnist.yaml"]
 # probes on 20k train / 5k test images (4 + 1 shards of 5000): a full 70k extraction per run costs
 # minutes on a CPU (4 for the ViT); the raw-pixel baseline uses the same subset
@@ -59,23 +69,21 @@ OWN_DATA = ("ijepa", "jigclu")
 BACKBONE = {"ijepa": "ViT (6x192, patch 4, 32 px)", "jigclu": "resnet10t, 64 px montages"}
 
 
-def run_one(name: str, seed: int, images: int, batch: int, out: Path, train: str, val: str) -> dict:
+def run_one(name: str, seed: int, images: int, batch: int, train: str, val: str, precision: str) -> dict:
     recipes, overrides = OBJECTIVES[name]
     run_dir = ROOT / "runs" / "bench-methods" / f"{name}-b{batch}-s{seed}"
     steps = max(1, images // batch)
     # ijepa/jigclu recipes already merge the data recipe under their own augmentation
     data = [] if name in OWN_DATA else DATA
     args = [*recipes, *data, *overrides, f"run.dir={run_dir}", f"run.seed={seed}",
-            f"train.batch_size={batch}", f"train.max_steps={steps}", "train.precision=fp32",
+            f"train.batch_size={batch}", f"train.max_steps={steps}", f"train.precision={precision}",
             "checkpoint.every_steps=0", "checkpoint.keep=1", "resume=none", "train.log_every=20"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    bindir = Path(sys.executable).parent
     t0 = time.perf_counter()
-    subprocess.run([str(bindir / "selfsup-train"), *args], check=True, cwd=ROOT, env=env,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([*TRAIN_CMD, *args], check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    subprocess.run([str(bindir / "selfsup-eval"), "all", str(run_dir / "export" / "backbone.safetensors"),
+    subprocess.run([*EVAL_CMD, "all", str(run_dir / "export" / "backbone.safetensors"),
                     "--train", train, "--val", val, "--k", "20", "--temperature", "0.07",
                     "--out", str(run_dir / "eval")], check=True, cwd=ROOT, env=env,
                    stdout=subprocess.DEVNULL)
@@ -85,14 +93,13 @@ def run_one(name: str, seed: int, images: int, batch: int, out: Path, train: str
     return {"objective": name, "seed": seed, "batch": batch, "images": steps * batch,
             "knn20": rec["knn"]["k=20"], "linear": rec["linear"]["top1"], "train_s": round(train_s, 1),
             "eval_s": round(eval_s, 1), "final_loss": loss[-1], "cpu_threads": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d")}
+            "precision": precision, "device": DEVICE, "date": time.strftime("%Y-%m-%d")}
 
 
 def raw_pixels(out: Path, train: str, val: str) -> dict:
     path = out / "raw-pixels.json"
     if not path.exists():
-        bindir = Path(sys.executable).parent
-        subprocess.run([str(bindir / "selfsup-eval"), "all", "raw-pixels", "--train", train, "--val", val,
+        subprocess.run([*EVAL_CMD, "all", "raw-pixels", "--train", train, "--val", val,
                         "--k", "20", "--out", str(ROOT / "runs" / "bench-methods" / "raw-eval")],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         rec = json.loads((ROOT / "runs" / "bench-methods" / "raw-eval" / "results.json").read_text())[-1]
@@ -133,17 +140,24 @@ def main() -> None:
     p.add_argument("--no-raw", action="store_true", help="skip the raw-pixel baseline")
     p.add_argument("--eval-train", default=TRAIN, help="labelled shards the probes train on")
     p.add_argument("--eval-val", default=VAL, help="labelled shards the probes are scored on")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (e.g. 8-12 on one GPU)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     raw = None if args.no_raw else raw_pixels(args.out, args.eval_train, args.eval_val)
-    for seed in args.seeds:  # seed-major: a cut-short bench still has every objective once
-        for name in args.objectives:
-            if any(r["objective"] == name and r["seed"] == seed and r["batch"] == args.batch_size
-                   and r["images"] == max(1, args.images // args.batch_size) * args.batch_size for r in done):
-                continue
-            rec = run_one(name, seed, args.images, args.batch_size, args.out, args.eval_train, args.eval_val)
+    images = max(1, args.images // args.batch_size) * args.batch_size
+    todo = [(name, seed) for seed in args.seeds  # seed-major: a cut-short bench has every objective once
+            for name in args.objectives
+            if not any(r["objective"] == name and r["seed"] == seed and r["batch"] == args.batch_size
+                       and r["images"] == images for r in done)]
+    # several runs at once where one leaves the machine idle (small models on a GPU)
+    with ThreadPoolExecutor(args.parallel) as pool:
+        jobs = [pool.submit(run_one, name, seed, args.images, args.batch_size, args.eval_train,
+                            args.eval_val, args.precision) for name, seed in todo]
+        for job in as_completed(jobs):
+            rec = job.result()
             print(json.dumps(rec), flush=True)
             with log.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
