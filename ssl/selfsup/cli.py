@@ -37,9 +37,15 @@ def train_main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        from selfsup.trainer import Trainer
+        from selfsup.trainer import Preempted, Trainer, end_distributed
 
-        Trainer(cfg).train()
+        trainer = Trainer(cfg)
+        try:
+            trainer.train()
+        except Preempted:  # every rank stops at the same step, so every rank gets here
+            end_distributed(trainer.acc)
+            raise
+        end_distributed(trainer.acc)
     except USER_ERRORS as e:
         print(f"selfsup-train: error: {e}", file=sys.stderr)
         return 2

@@ -61,6 +61,14 @@ def make_accelerator(cfg) -> Accelerator:
     return acc
 
 
+def end_distributed(acc: Accelerator) -> None:
+    """Every rank waits, then tears the process group down. A torchrun process that exits with
+    gloo's (or NCCL's) threads still up can abort ("terminate called without an active
+    exception", seen in CI), which turns a finished run into a failed job."""
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
 def build_model(cfg, acc: Accelerator):
     """The recipe's backbone wrapped by its objective, with the recipe's memory format,
     ``torch.compile`` and (several GPUs, BatchNorm) SyncBatchNorm: one place for the trainer and

@@ -9,7 +9,7 @@ import torch
 from selfsup.config import load_recipe
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
-from selfsup.trainer import make_accelerator
+from selfsup.trainer import end_distributed, make_accelerator
 
 
 def main(recipe, out, loss, global_batch=8):
@@ -29,6 +29,7 @@ def main(recipe, out, loss, global_batch=8):
     if acc.is_main_process:
         grads = {n: p.grad.detach().clone() for n, p in acc.unwrap_model(model).named_parameters()}
         torch.save(grads, out)
+    end_distributed(acc)  # no rank exits with gloo's threads up (an abort seen in CI)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from selfsup.config import load_recipe
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
 from selfsup.schedules import ema_update
-from selfsup.trainer import make_accelerator
+from selfsup.trainer import end_distributed, make_accelerator
 
 GLOBAL_BATCH = 8
 
@@ -67,6 +67,7 @@ def main(recipe, out):
                     "keys": keys, "lambda": metrics["halluc_lambda"],
                     "halluc_grads": {n: p.grad.clone() for n, p in simclr.named_parameters()
                                      if p.grad is not None}}, out)
+    end_distributed(acc)  # no rank exits with gloo's threads up (an abort seen in CI)
 
 
 if __name__ == "__main__":
