@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(argv)
     except SystemExit as e:  # argparse: usage + one error line, status 2
         return int(e.code or 0)
-    started = _init_distributed(args)
+    started, ok = _init_distributed(args), False
     try:
         records = evaluate(args)
         rank = dist_info()[0]
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.out:
                 report.write(args.out, records)
                 print(f"results: {os.path.join(args.out, 'results.json')}")
+        ok = True
         return 0
     except (ValueError, OSError) as e:  # EvalError, ShardSpecError, unwritable --out, ...
         print(f"selfsup-eval: error: {one_line(e)}", file=sys.stderr)
@@ -234,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         if started:
             import torch.distributed as dist
 
+            # after a success every rank waits for rank 0's writes, then all tear gloo down
+            # together: a rank that left while its peer was still connected aborted at exit
+            # ("terminate called without an active exception") in CI. Failures are collective
+            # (features.py), so every rank skips the barrier together.
+            if ok:
+                dist.barrier()
             dist.destroy_process_group()
 
 

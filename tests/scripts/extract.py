@@ -19,3 +19,6 @@ if __name__ == "__main__":
     feats = extract(load_backbone(ckpt), resolve_shards(shards).urls, batch_size=7)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(feats, out)
+    if dist.is_initialized():  # every rank waits for rank 0's file, then all leave gloo together
+        dist.barrier()
+        dist.destroy_process_group()
