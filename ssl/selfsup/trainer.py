@@ -197,7 +197,10 @@ class Trainer:
         self._stop_signal = signum
 
     def _stop_requested(self) -> bool:
-        """Any process got SIGTERM/SIGUSR1 → all stop at the same step (collective)."""
+        """Any process got SIGTERM/SIGUSR1 → all stop at the same step (collective). One process
+        needs no collective, and skipping it spares a device sync per step."""
+        if self.acc.num_processes == 1:
+            return self._stop_signal is not None
         flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.acc.device)
         return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
 

@@ -48,6 +48,28 @@ class Objective(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
+        self._host_counts: dict[str, int] = {}
+
+    def register_counter(self, name: str) -> None:
+        """A call counter that checkpoints carry (a 0-d long buffer ``name``, so that a resumed
+        run redraws the same random choices) and that the host reads without waiting for the
+        device: ``int(buffer)`` every step would stall a GPU's queue of kernels once per step.
+        The host copy is refreshed whenever a state dict is loaded."""
+        self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        self._host_counts[name] = 0
+
+    def next_count(self, name: str) -> int:
+        """The counter's value before this call, then one more (the buffer is advanced on its
+        device, asynchronously)."""
+        value = self._host_counts[name]
+        self._host_counts[name] = value + 1
+        getattr(self, name).add_(1)
+        return value
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for name in self._host_counts:  # one sync per load, none per step
+            self._host_counts[name] = int(getattr(self, name))
 
     def forward(self, batch: dict, generator: torch.Generator):
         raise NotImplementedError

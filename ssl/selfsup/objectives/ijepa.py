@@ -112,7 +112,7 @@ class IJEPA(Objective):
         self.target = copy.deepcopy(self.encoder)
         deactivate_requires_grad(self.target)
         self.size_seed = int(cfg.run.seed) * 1_000_003
-        self.register_buffer("mask_calls", torch.zeros((), dtype=torch.long))  # checkpointed
+        self.register_counter("mask_calls")  # checkpointed
 
     @property
     def backbone(self) -> VisionTransformer:
@@ -161,8 +161,7 @@ class IJEPA(Objective):
 
     def sample_masks(self, batch_size: int, generator: torch.Generator):
         """(context, targets) index lists for this batch; advances the checkpointed counter."""
-        size_gen = torch.Generator().manual_seed(self.size_seed + int(self.mask_calls))
-        self.mask_calls += 1
+        size_gen = torch.Generator().manual_seed(self.size_seed + self.next_count("mask_calls"))
         return self.masks(batch_size, size_gen, generator)
 
     @torch.no_grad()

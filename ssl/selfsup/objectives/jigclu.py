@@ -168,16 +168,15 @@ class JigClu(Objective):
         self.loc_head = nn.Linear(dim, 4)
         self.frozen = freeze_unused(backbone, cfg.augment.size)
         self.perm_seed = int(cfg.run.seed) * 1_000_003 + 17
-        self.register_buffer("perm_calls", torch.zeros((), dtype=torch.long))  # checkpointed
+        self.register_counter("perm_calls")  # checkpointed
 
     def permutation(self, total: int) -> torch.Tensor:
         """This step's permutation of the 4n patches (a CPU tensor). Not the trainer's generator:
         that one is seeded per rank, and drawing from it would also make the permutation depend
         on the process count. A fresh generator per call, seeded by ``run.seed`` and the number of
-        calls so far (a buffer, hence in checkpoints), is identical on every process with no
+        calls so far (a checkpointed counter, read on the host), is identical on every process with no
         broadcast, for 1 or N processes of the same global batch, and across a resume."""
-        g = torch.Generator().manual_seed(self.perm_seed + int(self.perm_calls))
-        self.perm_calls += 1
+        g = torch.Generator().manual_seed(self.perm_seed + self.next_count("perm_calls"))
         return torch.randperm(total, generator=g)
 
     def patches(self, images: torch.Tensor, generator) -> torch.Tensor:
