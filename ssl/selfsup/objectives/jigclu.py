@@ -140,6 +140,7 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float, ancho
 @register("jigclu")
 class JigClu(Objective):
     backbone_entry = "forward_features"  # tiles are cut from the feature map
+
     @dataclass
     class Config:
         name: str = "jigclu"
@@ -174,8 +175,8 @@ class JigClu(Objective):
         """This step's permutation of the 4n patches (a CPU tensor). Not the trainer's generator:
         that one is seeded per rank, and drawing from it would also make the permutation depend
         on the process count. A fresh generator per call, seeded by ``run.seed`` and the number of
-        calls so far (a checkpointed counter, read on the host), is identical on every process with no
-        broadcast, for 1 or N processes of the same global batch, and across a resume."""
+        calls so far (a checkpointed counter, read on the host), is identical on every process
+        with no broadcast, for 1 or N processes of the same global batch, and across a resume."""
         g = torch.Generator().manual_seed(self.perm_seed + self.next_count("perm_calls"))
         return torch.randperm(total, generator=g)
 
