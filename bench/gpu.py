@@ -35,10 +35,9 @@ from timm.optim import create_optimizer_v2
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import timed  # noqa: E402
+from train_step import timed, trainer_step  # noqa: E402
 
 from selfsup.config import load_recipe  # noqa: E402
-from selfsup.schedules import ema_update  # noqa: E402
 from selfsup.trainer import build_model, make_accelerator  # noqa: E402
 
 # name: (recipe, overrides, images per step); batch sizes are the recipes' per-GPU ones
@@ -68,16 +67,8 @@ def make_step(recipe: str, overrides: list[str], batch: int, channels_last: bool
     size = cfg.augment.size
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=acc.device)
     gen = torch.Generator().manual_seed(0)
-    momentum = objective.momentum(0.5)
-
-    def step():
-        loss, _ = model({"image": images, "epoch": 1.0}, gen)
-        acc.backward(loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if momentum is not None:
-            for online, target in objective.momentum_pairs():
-                ema_update(online, target, momentum)
+    step = trainer_step(acc, opt, objective, lambda: model({"image": images, "epoch": 1.0}, gen)[0],
+                        momentum=objective.momentum(0.5))
     return step, size
 
 

@@ -29,25 +29,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(name: str, overrides: list[str], args) -> dict:
     run_dir = ROOT / "runs" / "sweep" / name
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    log = open(ROOT / "runs" / "sweep" / f"{name}.log", "w")
-    t0 = time.perf_counter()
     train = [sys.executable, "-m", "selfsup.cli", args.recipe, *overrides, f"run.dir={run_dir}",
              "resume=none", "checkpoint.every_steps=0", f"data.num_workers={args.workers}"]
-    rc = subprocess.run(train, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                        timeout=args.timeout).returncode
-    train_s = time.perf_counter() - t0
-    rec = {"name": name, "overrides": overrides, "rc": rc, "train_s": round(train_s, 1)}
-    if rc == 0:
-        t0 = time.perf_counter()
-        rc = subprocess.run([sys.executable, "-m", "selfsup_eval", "knn", str(run_dir / "export" / "backbone.safetensors"),
-                        "--train", args.train, "--val", args.val, "--k", "20", "200", "--out", str(run_dir / "eval")],
-                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
-        rec["rc"] = rc
-    if rc == 0:
+    knn = [sys.executable, "-m", "selfsup_eval", "knn", str(run_dir / "export" / "backbone.safetensors"),
+           "--train", args.train, "--val", args.val, "--k", "20", "200", "--out", str(run_dir / "eval")]
+    rec = {"name": name, "overrides": overrides}
+    with open(ROOT / "runs" / "sweep" / f"{name}.log", "w") as log:
+        for what, cmd in (("train_s", train), ("eval_s", knn)):
+            t0 = time.perf_counter()
+            rec["rc"] = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       timeout=args.timeout).returncode
+            rec[what] = round(time.perf_counter() - t0, 1)
+            if rec["rc"]:
+                break
+    if rec["rc"] == 0:
         res = json.loads((run_dir / "eval" / "results.json").read_text())[-1]
-        steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        rec.update(knn20=res["knn"]["k=20"], knn200=res["knn"]["k=200"], eval_s=round(time.perf_counter() - t0, 1),
-                   epochs=steps[-1].get("epoch"), final_loss=steps[-1].get("loss"))
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        rec.update(knn20=res["knn"]["k=20"], knn200=res["knn"]["k=200"], epochs=last.get("epoch"),
+                   final_loss=last.get("loss"))
     print(json.dumps(rec), flush=True)
     if args.out:
         with open(args.out, "a") as f:
