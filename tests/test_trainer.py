@@ -108,6 +108,39 @@ def test_bad_shard_paths_are_one_clear_line(tmp_path, capsys, make_spec, message
     assert err.startswith("selfsup-train: error: data.train:") and message in err and "\n" not in err
 
 
+@pytest.mark.parametrize("log_every,caught", [(1, "the loss of step 4 is nan"),
+                                                (10, "weight backbone.")])
+def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, shards, capsys,
+                                                                 monkeypatch, log_every, caught):
+    """A NaN loss in forward pass 4 (steps 1-3 fine) poisons the weights from step 4 on. Logging
+    every step catches the loss at step 4; logging every 10 steps leaves it to the weight check of
+    the step-4 checkpoint. Either way steps 1-3 are all that was written, the export is finite, and
+    the user gets one line saying where to resume from."""
+    from selfsup.objectives.simclr import SimCLR
+
+    calls, forward = [], SimCLR.forward
+
+    def poisoned(self, batch, generator):
+        loss, metrics = forward(self, batch, generator)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 4 else loss), metrics
+
+    monkeypatch.setattr(SimCLR, "forward", poisoned)
+    run = tmp_path / "run"
+    assert train(run, shards, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=5",
+                 f"train.log_every={log_every}") == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("selfsup-train: error: training diverged: ") and caught in err
+    assert "resume=auto" in err and str(run / "checkpoints" / "step-000000002") in err
+    assert len(calls) == 4  # stopped at the step that showed it
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000000002"]
+    with safe_open(str(run / "export" / "backbone.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["selfsup"])["step"] == 2
+    assert all(torch.isfinite(w).all() for w in weights(run).values())
+    logged = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == ([1, 2, 3] if log_every == 1 else [])
+
+
 def test_online_monitor_logs_knn_and_collapse_indicators(tmp_path):
     from selfsup.monitor import collapse_metrics
 

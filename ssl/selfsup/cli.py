@@ -1,7 +1,9 @@
 """``selfsup-train RECIPE [key=value ...]``.
 
 Errors a user can fix (recipe keys, shard paths, checkpoints, model names) are printed as one line
-``selfsup-train: error: ...`` with exit code 2, not as a traceback from deep inside torch.
+``selfsup-train: error: ...`` with exit code 2, not as a traceback from deep inside torch. A run
+whose loss or weights become NaN/inf stops with one such line and exit code 3, its last good
+checkpoint untouched.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from selfsup.models import ModelError
 from selfsup.shards import ShardSpecError
 
 USER_ERRORS = (RecipeError, DataError, ModelError, CheckpointError, ShardSpecError)
+DIVERGED_EXIT_CODE = 3  # NaN/inf loss or weights: not requeued (75), not a bad recipe (2)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -37,7 +40,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        from selfsup.trainer import Preempted, Trainer, end_distributed
+        from selfsup.trainer import Diverged, Preempted, Trainer, end_distributed
 
         trainer = Trainer(cfg)
         try:
@@ -45,6 +48,10 @@ def train_main(argv: list[str] | None = None) -> int:
         except Preempted:  # every rank stops at the same step, so every rank gets here
             end_distributed(trainer.acc)
             raise
+        except Diverged as e:  # likewise
+            end_distributed(trainer.acc)
+            print(f"selfsup-train: error: {e}", file=sys.stderr)
+            return DIVERGED_EXIT_CODE
         end_distributed(trainer.acc)
     except USER_ERRORS as e:
         print(f"selfsup-train: error: {e}", file=sys.stderr)

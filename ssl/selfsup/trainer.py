@@ -44,6 +44,13 @@ class Preempted(SystemExit):
         super().__init__(REQUEUE_EXIT_CODE)
 
 
+class Diverged(RuntimeError):
+    """The loss or the weights became NaN/inf. The run stops instead of spending the rest of its
+    budget on NaNs (as DINO does) and writes nothing for that step, so the newest checkpoint and
+    export stay the last good ones. Every rank raises it at the same step: the loss it checks is
+    reduced over the ranks and the weights are the same on every rank."""
+
+
 def make_accelerator(cfg) -> Accelerator:
     cpu = cfg.train.cpu or not torch.cuda.is_available()
     precision = cfg.train.precision
@@ -151,6 +158,7 @@ class Trainer:
         self.acc.print(f"resumed from {path} at step {self.state['step']}")
 
     def save(self) -> Path:
+        self._check_weights()
         state = {**self.state, "world_size": self.acc.num_processes,
                  "total_steps": self.total_steps}
         rank_state = {"generator": self.generator.get_state(), "positions": self.positions,
@@ -173,6 +181,22 @@ class Trainer:
                 "step": self.state["step"], "epoch": round(self.epochs_done(), 4),
                 "run": str(self.run_dir)}
         return ckpt.export_backbone(self.objective.backbone, self.run_dir, meta)
+
+    def _check_weights(self) -> None:
+        """One device sync per checkpoint: a NaN update a log window has not yet shown must not
+        replace the last good checkpoint and export."""
+        params = [p for p in self.objective.parameters()]
+        if torch.stack([torch.isfinite(p).all() for p in params]).all().item():
+            return
+        name = next(n for n, p in self.objective.named_parameters() if not torch.isfinite(p).all())
+        raise Diverged(self._diverged(f"weight {name} is NaN/inf at step {self.state['step']}"))
+
+    def _diverged(self, what: str) -> str:
+        last = ckpt.resolve_resume("auto", self.run_dir)
+        where = (f"the last good checkpoint is {last}: resume=auto resumes from it"
+                 if last else "no checkpoint was written before it")
+        return (f"training diverged: {what}; nothing was written for this step and {where}; "
+                "lower optim.lr, set optim.clip_grad (e.g. 1.0) or train.precision=fp32")
 
     def epochs_done(self) -> float:
         return self.state["epoch"] + self.state["batch_in_epoch"] / self.loader.batches_per_epoch
@@ -214,10 +238,18 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         log = MetricsLog(self.run_dir, enabled=acc.is_main_process)
-        accum, device = cfg.train.grad_accum, acc.device
-        data = self.batches()
         bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not acc.is_main_process,
                    desc=f"{self.objective.name} {cfg.run.dir}", dynamic_ncols=True)
+        try:
+            return self._loop(log, bar)
+        finally:  # also on Preempted / Diverged: the JSONL and TensorBoard files are flushed
+            bar.close()
+            log.close()
+
+    def _loop(self, log: MetricsLog, bar: tqdm) -> dict:
+        cfg, acc = self.cfg, self.acc
+        accum, device = cfg.train.grad_accum, acc.device
+        data = self.batches()
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "loss": 0.0, "corrupt": 0}
         last = {}
         while self.state["step"] < self.total_steps:
@@ -267,12 +299,8 @@ class Trainer:
                 acc.wait_for_everyone()
                 acc.print(f"stopped by signal at step {step}; checkpoint written, exit "
                           f"{REQUEUE_EXIT_CODE} (requeue)")
-                bar.close()
-                log.close()
                 raise Preempted()
-        bar.close()
         self.save()
-        log.close()
         acc.wait_for_everyone()
         return last
 
@@ -281,6 +309,10 @@ class Trainer:
         elapsed = time.perf_counter() - window["t0"]
         n = window["steps"]
         loss = acc.reduce(torch.as_tensor(window["loss"], device=acc.device).float(), "mean").item() / n
+        if not math.isfinite(loss):  # the same value on every rank: all stop here together
+            first = self.state["step"] - n + 1
+            steps = f"step {first}" if n == 1 else f"steps {first}-{self.state['step']}"
+            raise Diverged(self._diverged(f"the loss of {steps} is {loss}"))
         corrupt = int(acc.reduce(torch.tensor([window["corrupt"]], device=acc.device), "sum").item())
         self.state["corrupt_samples"] += corrupt
         record = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
