@@ -5,6 +5,7 @@ targets, predictor shapes, exact resume, and the recipe end to end."""
 import json
 import math
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -39,21 +40,30 @@ def build(*overrides):
 
 
 # ---------------------------------------------------------------------------------- masks ----
-@pytest.mark.parametrize("grid,seed", [(14, 0), (14, 5), (10, 3)])
-def test_masks_equal_lightlys_collator_given_the_same_seeds(grid, seed):
+@pytest.mark.parametrize("grid,seed,batch,overlap,context_scale,min_keep,relaxed", [
+    (14, 0, 6, False, (0.85, 1.0), 10, 0), (14, 5, 32, False, (0.85, 1.0), 10, 0),
+    (10, 3, 6, False, (0.85, 1.0), 10, 0), (14, 7, 16, True, (0.85, 1.0), 10, 0),
+    (8, 1, 16, False, (0.25, 0.3), 4, 1),  # a context too small once: one constraint dropped
+])
+def test_masks_equal_lightlys_collator_given_the_same_seeds(grid, seed, batch, overlap, context_scale,
+                                                            min_keep, relaxed):
     """lightly draws block sizes from a generator seeded by its step counter and positions from the
     global RNG; ours takes both generators explicitly and must make the very same draws."""
-    collator = IJEPAMaskCollator(input_size=grid * 16, patch_size=16, enc_mask_scale=(0.85, 1.0),
+    collator = IJEPAMaskCollator(input_size=grid * 16, patch_size=16, enc_mask_scale=context_scale,
                                  pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1,
-                                 npred=4, min_keep=10, allow_overlap=False)
+                                 npred=4, min_keep=min_keep, allow_overlap=overlap)
     collator._itr_counter.value = seed - 1  # its next step() returns `seed`
     torch.manual_seed(100 + seed)
-    _, enc, pred = collator([torch.zeros(1)] * 6)
-    ours = MultiBlockMasks((grid, grid), **PAPER)
-    ctx, tgt = ours(6, torch.Generator().manual_seed(seed), torch.Generator().manual_seed(100 + seed))
+    with warnings.catch_warnings():  # lightly warns where it relaxes a constraint
+        warnings.simplefilter("ignore")
+        _, enc, pred = collator([torch.zeros(1)] * batch)
+    ours = MultiBlockMasks((grid, grid), **{**PAPER, "context_scale": context_scale,
+                                            "min_keep": min_keep, "allow_overlap": overlap})
+    ctx, tgt = ours(batch, torch.Generator().manual_seed(seed), torch.Generator().manual_seed(100 + seed))
     assert len(ctx) == len(enc) == 1 and len(tgt) == len(pred) == 4
     for a, b in zip(ctx + tgt, enc + pred):
-        assert torch.equal(a, b)
+        assert a.dtype == torch.int64 and torch.equal(a, b)
+    assert ours.relaxed == relaxed
 
 
 def _rect(idx: torch.Tensor, w: int):
