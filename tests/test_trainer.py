@@ -131,7 +131,7 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, shards
                  f"train.log_every={log_every}") == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("selfsup-train: error: training diverged: ") and caught in err
-    assert "resume=auto" in err and str(run / "checkpoints" / "step-000000002") in err
+    assert "(resume=auto)" in err and str(run / "checkpoints" / "step-000000002") in err
     assert len(calls) == 4  # stopped at the step that showed it
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000000002"]
     with safe_open(str(run / "export" / "backbone.safetensors"), "pt") as f:

@@ -185,15 +185,14 @@ class Trainer:
     def _check_weights(self) -> None:
         """One device sync per checkpoint: a NaN update a log window has not yet shown must not
         replace the last good checkpoint and export."""
-        params = [p for p in self.objective.parameters()]
-        if torch.stack([torch.isfinite(p).all() for p in params]).all().item():
+        if torch.stack([torch.isfinite(p).all() for p in self.objective.parameters()]).all().item():
             return
         name = next(n for n, p in self.objective.named_parameters() if not torch.isfinite(p).all())
         raise Diverged(self._diverged(f"weight {name} is NaN/inf at step {self.state['step']}"))
 
     def _diverged(self, what: str) -> str:
         last = ckpt.resolve_resume("auto", self.run_dir)
-        where = (f"the last good checkpoint is {last}: resume=auto resumes from it"
+        where = (f"the last good checkpoint is {last}, where the same command resumes (resume=auto)"
                  if last else "no checkpoint was written before it")
         return (f"training diverged: {what}; nothing was written for this step and {where}; "
                 "lower optim.lr, set optim.clip_grad (e.g. 1.0) or train.precision=fp32")
