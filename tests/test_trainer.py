@@ -165,6 +165,7 @@ def test_online_monitor_logs_knn_and_collapse_indicators(tmp_path):
 
 @pytest.mark.parametrize("recipe,overrides,compiled", [
     ("simclr.yaml", ["model.name=test_resnet"], "forward"),
+    ("moco.yaml", ["model.name=test_resnet", "objective.queue_size=4096"], "forward"),
     ("jigclu_small.yaml", ["model.name=test_resnet", "model.small_stem=true", "augment.size=16"],
      "forward_features"),
     ("ijepa_vit_tiny.yaml", ["model.name=test_vit", "model.kwargs.img_size=16", "model.kwargs.patch_size=2",
@@ -185,8 +186,11 @@ def test_model_compile_compiles_the_backbone_method_the_objective_calls(recipe, 
     acc = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
     if compiled is None:
         with pytest.warns(UserWarning, match="model.compile=true has no effect with objective 'ijepa'"):
-            backbone = build_model(cfg, acc).backbone
+            objective = build_model(cfg, acc)
     else:
-        backbone = build_model(cfg, acc).backbone
-    assert (backbone._compiled_call_impl is not None) == (compiled == "forward")
-    assert hasattr(backbone.forward_features, "_torchdynamo_orig_callable") == (compiled == "forward_features")
+        objective = build_model(cfg, acc)
+    nets = objective.backbones()
+    assert len(nets) == (2 if recipe == "moco.yaml" else 1)  # MoCo's key encoder too
+    for net in nets:
+        assert (net._compiled_call_impl is not None) == (compiled == "forward")
+        assert hasattr(net.forward_features, "_torchdynamo_orig_callable") == (compiled == "forward_features")

@@ -92,10 +92,12 @@ def build_model(cfg, acc: Accelerator):
         if entry is None:
             warnings.warn(f"model.compile=true has no effect with objective {objective.name!r}: it "
                           "runs the backbone's blocks itself, not a compilable backbone method")
-        elif entry == "forward":
-            backbone.compile()
         else:
-            setattr(backbone, entry, torch.compile(getattr(backbone, entry)))
+            for net in objective.backbones():
+                if entry == "forward":
+                    net.compile()
+                else:
+                    setattr(net, entry, torch.compile(getattr(net, entry)))
     if acc.num_processes > 1 and acc.device.type == "cuda" and any(
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in objective.modules()):
         objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)

@@ -74,6 +74,11 @@ class Objective(nn.Module):
     def forward(self, batch: dict, generator: torch.Generator):
         raise NotImplementedError
 
+    def backbones(self) -> list[nn.Module]:
+        """Every copy of the backbone the step runs through ``backbone_entry``: ``model.compile``
+        compiles each (MoCo's key encoder is a copy made before compiling, so it is listed)."""
+        return [self.backbone]
+
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """``(online, target)`` module pairs the trainer updates by EMA after each optimizer
         step (momentum encoders, I-JEPA's target encoder). Empty for most methods."""

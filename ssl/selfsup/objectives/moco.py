@@ -97,6 +97,9 @@ class MoCo(Objective):
                              if oc.hallucinator.enabled else None)
 
     # ---------------------------------------------------------------- what the trainer uses --
+    def backbones(self):
+        return [self.backbone, self.backbone_key]
+
     def momentum_pairs(self):
         return [(self.backbone, self.backbone_key), (self.head, self.head_key)]
 
