@@ -69,9 +69,11 @@ def make_accelerator(cfg) -> Accelerator:
 
 
 def end_distributed(acc: Accelerator) -> None:
-    """Every rank waits, then tears the process group down. A torchrun process that exits with
-    gloo's (or NCCL's) threads still up can abort ("terminate called without an active
-    exception", seen in CI), which turns a finished run into a failed job."""
+    """Every rank waits, then tears the process group down. The wait keeps every rank until rank
+    0 has written its export: launchers that kill the rest on the first exit (srun
+    --kill-on-bad-exit, torchrun) cut nothing short. The teardown matters too: a torchrun process
+    that exits with gloo's (or NCCL's) threads still up can abort ("terminate called without an
+    active exception", seen in CI), which turns a finished run into a failed job."""
     acc.wait_for_everyone()
     acc.end_training()
 
@@ -231,6 +233,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- loop ----
     def train(self) -> dict:
+        """Train to ``total_steps``; raises :class:`Preempted` or :class:`Diverged` on every rank
+        at the same step. The caller ends with :func:`end_distributed` either way, which keeps
+        every rank until rank 0's export is written."""
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -295,14 +300,10 @@ class Trainer:
             if self._stop_requested():
                 if not saved:  # a second write of the same step would only eat the grace period
                     self.save()
-                # no rank exits before rank 0's export is written: launchers that kill the rest
-                # on the first non-zero exit (srun --kill-on-bad-exit, torchrun) cut nothing short
-                acc.wait_for_everyone()
                 acc.print(f"stopped by signal at step {step}; checkpoint written, exit "
                           f"{REQUEUE_EXIT_CODE} (requeue)")
                 raise Preempted()
         self.save()
-        acc.wait_for_everyone()
         return last
 
     def _log(self, log, bar, window, metrics, momentum) -> dict:
