@@ -14,7 +14,7 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageFile
 
 from conftest import child_env, make_images
 from selfsup.shards import ShardSet, ShardSpecError, main, resolve_shards
@@ -55,7 +55,7 @@ def test_npz_round_trip_is_pixel_exact(tmp_path, channels):
     assert main([str(tmp_path / "d.npz"), str(out), "--split", "val", "--shard-size", "10"]) == 0
     index = index_of(out, "val")
     assert index == {"format": "selfsup-shards/1", "split": "val", "num_samples": 25,
-                     "class_names": ["a", "b", "c"], "image_format": "png",
+                     "class_names": ["a", "b", "c"], "image_format": "keep", "max_side": None,
                      "shards": [{"name": "val-000000.tar", "num_samples": 10},
                                 {"name": "val-000001.tar", "num_samples": 10},
                                 {"name": "val-000002.tar", "num_samples": 5}]}
@@ -96,12 +96,15 @@ def make_folder(root, images, labels, names, ext="png", start=0):
         Image.fromarray(img).save(root / names[c] / f"{i:02d}.{ext}", quality=90)
 
 
-def test_image_folder_png_round_trip(tmp_path):
+@pytest.mark.parametrize("image_format", ["keep", "png"])
+def test_image_folder_png_round_trip(tmp_path, image_format):
     images, labels = make_images(7, size=8, classes=2)
     make_folder(tmp_path / "src", images, labels, ["dog", "cat"])  # class 0 = "dog" on disk
     (tmp_path / "src" / "cat" / "notes.txt").write_text("not an image")
-    assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--split", "train", "--shard-size", "4"]) == 0
+    assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--split", "train", "--shard-size", "4",
+                 "--image-format", image_format]) == 0
     index = index_of(tmp_path / "out", "train")
+    assert index["image_format"] == image_format and index["max_side"] is None
     assert index["class_names"] == ["cat", "dog"]  # sorted folder names, as ImageFolder
     assert [s["num_samples"] for s in index["shards"]] == [4, 3]
     samples = list(read_tars(sorted((tmp_path / "out").glob("train-*.tar"))).values())
@@ -112,6 +115,8 @@ def test_image_folder_png_round_trip(tmp_path):
         assert path == f"{['dog', 'cat'][labels[i]]}/{i:02d}.png"
         assert int(s["cls"]) == {"cat": 0, "dog": 1}[path.split("/")[0]]
         np.testing.assert_array_equal(pixels(s["png"]), images[i])
+        if image_format == "keep":
+            assert s["png"] == (tmp_path / "src" / path).read_bytes()
 
 
 def test_image_folder_jpg_passthrough_and_reencode(tmp_path):
@@ -126,6 +131,114 @@ def test_image_folder_jpg_passthrough_and_reencode(tmp_path):
     expected = io.BytesIO()
     Image.fromarray(images[2]).save(expected, format="JPEG", quality=95)  # --jpeg-quality default
     assert by_path["a/02.png"]["jpg"] == expected.getvalue()
+
+
+def encoded(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_keep_stores_originals_under_their_real_format(tmp_path, capsys):
+    """The default: files byte for byte under the extension of the format PIL sniffs (not the
+    name's); BMP/TIFF re-encoded as PNG; an unreadable file skipped, counted and reported."""
+    images, _ = make_images(8, size=12)
+    src = tmp_path / "src"
+    files = {"a/00.jpg": encoded(Image.fromarray(images[0]), "JPEG", quality=90),
+             "a/01.jpg": encoded(Image.fromarray(images[1]), "PNG"),  # a PNG named .jpg
+             "a/02.bmp": encoded(Image.fromarray(images[2]), "BMP"),
+             "a/03.jpeg": encoded(Image.fromarray(images[3][..., 0]), "JPEG", quality=80),  # grayscale
+             "b/04.png": b"\x89PNG\r\n\x1a\n but no more",  # unreadable: skipped
+             "b/05.tiff": encoded(Image.fromarray(images[5]), "TIFF"),
+             "b/06.webp": encoded(Image.fromarray(images[6]), "WEBP", quality=80),
+             "b/07.jpg": encoded(Image.fromarray(images[7]), "MPO", save_all=True,  # camera JPEG
+                                 append_images=[Image.fromarray(images[0])])}
+    for name, data in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    assert Image.open(src / "b/07.jpg").format == "MPO"
+    out = tmp_path / "out"
+    assert main([str(src), str(out), "--split", "train", "--shard-size", "3"]) == 0
+    warning = capsys.readouterr().err.strip().splitlines()[-1]
+    assert warning.startswith("selfsup-shards: warning: skipped 1 unreadable file(s), e.g. ")
+    assert str(src / "b/04.png") in warning
+    index = index_of(out, "train")
+    assert index["image_format"] == "keep" and index["max_side"] is None
+    assert index["num_samples"] == 7 and [s["num_samples"] for s in index["shards"]] == [3, 3, 1]
+    samples = read_tars(sorted(out.glob("train-*.tar")))
+    assert list(samples) == [f"train-{i:08d}" for i in range(7)]  # no gap where the file was skipped
+    by_path = {json.loads(s["json"])["path"]: s for s in samples.values()}
+    assert {p: sorted(set(s) - {"__key__", "json"}) for p, s in by_path.items()} == {
+        "a/00.jpg": ["cls", "jpg"], "a/01.jpg": ["cls", "png"], "a/02.bmp": ["cls", "png"],
+        "a/03.jpeg": ["cls", "jpg"], "b/05.tiff": ["cls", "png"], "b/06.webp": ["cls", "webp"],
+        "b/07.jpg": ["cls", "jpg"]}
+    for path, ext in [("a/00.jpg", "jpg"), ("a/01.jpg", "png"), ("a/03.jpeg", "jpg"),
+                      ("b/06.webp", "webp"), ("b/07.jpg", "jpg")]:
+        assert by_path[path][ext] == files[path], path  # the file's own bytes
+    for path, i in [("a/02.bmp", 2), ("b/05.tiff", 5)]:
+        assert Image.open(io.BytesIO(by_path[path]["png"])).format == "PNG"
+        np.testing.assert_array_equal(pixels(by_path[path]["png"]), images[i])  # lossless
+    assert [int(by_path[p]["cls"]) for p in sorted(by_path)] == [0, 0, 0, 0, 1, 1, 1]
+    stream = wds.WebDataset([str(p) for p in sorted(out.glob("train-*.tar"))], shardshuffle=False)
+    assert [sorted(s) for s in stream][-1] == ["__key__", "__local_path__", "__url__", "cls", "jpg", "json"]
+
+
+def test_keep_decodes_no_pixels(tmp_path, monkeypatch):
+    """Header sniffing only: a decode anywhere would fail the run."""
+    images, labels = make_images(6, size=16, classes=3)
+    make_folder(tmp_path / "src", images[:3], labels[:3], ["a", "b", "c"], ext="jpg")
+    make_folder(tmp_path / "src", images[3:], labels[3:], ["a", "b", "c"], ext="webp", start=3)
+    make_folder(tmp_path / "src", images[:2], labels[:2], ["a", "b", "c"], ext="png", start=6)
+
+    def no_decode(self):
+        raise AssertionError("pixels decoded")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--split", "train"]) == 0
+    assert index_of(tmp_path / "out", "train")["num_samples"] == 8
+
+
+def test_max_side_downscales_big_images_and_keeps_small_ones(tmp_path):
+    yy, xx = np.mgrid[:240, :400]
+    photo = np.stack([xx // 2, yy, (xx // 2 + yy) // 2], -1).astype(np.uint8)  # smooth: JPEG-friendly
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    Image.fromarray(photo).save(src / "big.jpg", quality=90)  # 400x240 → 64x38 (38.4), via draft 1/2
+    Image.fromarray(photo[:, :180]).save(src / "tall.png")  # 180 wide, 240 high → 48x64
+    Image.fromarray(photo[:64, :40]).save(src / "edge.jpg", quality=90)  # 40x64: within N, kept
+    Image.fromarray(photo[:30, :50]).save(src / "small.webp", quality=90)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "src"), str(out), "--split", "val", "--max-side", "64"]) == 0
+    index = index_of(out, "val")
+    assert index["image_format"] == "keep" and index["max_side"] == 64
+    first = (out / "val-000000.tar").read_bytes()
+    by_path = {json.loads(s["json"])["path"]: s for s in read_tars([out / "val-000000.tar"]).values()}
+    big = Image.open(io.BytesIO(by_path["a/big.jpg"]["jpg"]))
+    assert big.format == "JPEG" and big.size[0] == 64 and abs(big.size[1] - 240 * 64 / 400) <= 1
+    reference = Image.open(src / "big.jpg").resize(big.size, Image.Resampling.LANCZOS)
+    assert np.abs(np.asarray(big, float) - np.asarray(reference, float)).mean() < 4  # the same picture
+    tall = Image.open(io.BytesIO(by_path["a/tall.png"]["png"]))
+    assert tall.format == "PNG" and tall.size[1] == 64 and abs(tall.size[0] - 180 * 64 / 240) <= 1
+    assert by_path["a/edge.jpg"]["jpg"] == (src / "edge.jpg").read_bytes()
+    assert by_path["a/small.webp"]["webp"] == (src / "small.webp").read_bytes()
+    assert main([str(tmp_path / "src"), str(out), "--split", "val", "--max-side", "64"]) == 0
+    assert (out / "val-000000.tar").read_bytes() == first  # byte-reproducible
+
+
+def test_max_side_with_jpg_and_arrays(tmp_path):
+    images, labels = make_images(3, size=40, classes=3)
+    make_folder(tmp_path / "src", images, labels, ["a", "b", "c"], ext="png")
+    make_folder(tmp_path / "src", images[:1, :20, :20], labels[:1], ["a", "b", "c"], ext="jpg", start=3)
+    assert main([str(tmp_path / "src"), str(tmp_path / "o"), "--split", "train", "--image-format", "jpg",
+                 "--max-side", "24"]) == 0
+    by_path = {json.loads(s["json"])["path"]: s for s in read_tars([tmp_path / "o" / "train-000000.tar"]).values()}
+    assert {p: Image.open(io.BytesIO(s["jpg"])).size for p, s in by_path.items()} == {
+        "a/00.png": (24, 24), "b/01.png": (24, 24), "c/02.png": (24, 24), "a/03.jpg": (20, 20)}
+    assert by_path["a/03.jpg"]["jpg"] == (tmp_path / "src" / "a" / "03.jpg").read_bytes()
+    np.savez(tmp_path / "d.npz", images=images, labels=labels)
+    assert main([str(tmp_path / "d.npz"), str(tmp_path / "n"), "--split", "train", "--max-side", "16"]) == 0
+    s = read_tars([tmp_path / "n" / "train-000000.tar"])["train-00000002"]
+    assert Image.open(io.BytesIO(s["png"])).size == (16, 16)
+    assert index_of(tmp_path / "n", "train")["max_side"] == 16
 
 
 def write_idx(path, arr, compress=True):
@@ -201,9 +314,11 @@ def test_rewrite_is_atomic_and_drops_stale_shards(tmp_path):
     (["names.npz", "out", "--split", "train"], "label 2 but only 2 class_names"),
     (["notzip.npz", "out", "--split", "train"], "not a readable .npz"),
     (["folder", "out", "--split", "train"], "Couldn't find any class folder"),
-    (["corrupt", "out", "--split", "train"], "cannot identify image file"),
+    (["corrupt", "out", "--split", "train"], "none of its 2 image file(s) could be read, e.g. corrupt/a/0.png"),
+    (["corrupt", "out", "--split", "train", "--image-format", "png"], "could be read"),
     (["mismatch.npz", "out", "--split", "a.b"], "--split 'a.b'"),
     (["mismatch.npz", "out", "--split", "train", "--shard-size", "0"], "--shard-size must be at least 1"),
+    (["mismatch.npz", "out", "--split", "train", "--max-side", "15"], "--max-side must be at least 16"),
 ])
 def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
@@ -213,8 +328,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, args, mes
     (tmp_path / "notzip.npz").write_text("hello")
     (tmp_path / "folder").mkdir()
     (tmp_path / "corrupt" / "a").mkdir(parents=True)
-    Image.new("L", (4, 4)).save(tmp_path / "corrupt" / "a" / "0.png")
-    (tmp_path / "corrupt" / "a" / "1.png").write_bytes(b"garbage")
+    (tmp_path / "corrupt" / "a" / "0.png").write_bytes(b"garbage")  # nothing readable at all
+    (tmp_path / "corrupt" / "a" / "1.jpg").write_bytes(b"")
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2

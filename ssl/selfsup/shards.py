@@ -6,10 +6,23 @@ give every rank the same, known epoch length without scanning terabytes of tars 
 
 Writer choices worth knowing:
 
-* Image folders: ``--image-format jpg`` copies JPEG files (grayscale or RGB) byte for byte, so
-  ImageNet-style data suffers no second lossy encoding (``--jpeg-quality`` applies to the others);
-  everything else is decoded and re-encoded. Each sample also gets ``KEY.json`` =
-  ``{"path": "CLASS/FILE"}`` (relative to SOURCE), so a key can be traced back to its file.
+* Image folders, ``--image-format keep`` (the default): every file is stored byte for byte under
+  the member extension of its real format, as PIL sniffs it from the header (the name's extension
+  does not count, and no pixels are decoded): JPEG → ``KEY.jpg``, PNG → ``KEY.png``, WebP →
+  ``KEY.webp``. Other formats (BMP, TIFF, GIF, PPM, ...) are decoded and re-encoded as PNG, since
+  readers only promise jpg/jpeg/png/webp. So ImageNet-style data suffers no second lossy encoding
+  and writing runs at file-copy speed. A file PIL cannot open (or, when it has to be re-encoded,
+  decode) is skipped and counted; the count and one example are printed at the end, and only a
+  folder with no readable image at all is an error. ``--image-format jpg`` copies JPEG files in
+  mode L/RGB and re-encodes the others at ``--jpeg-quality``; ``png`` re-encodes everything as
+  PNG. Each sample also gets ``KEY.json`` = ``{"path": "CLASS/FILE"}`` (relative to SOURCE), so a
+  key can be traced back to its file.
+* ``--max-side N`` (any source): an image whose longer side exceeds N is downscaled (antialiased;
+  JPEGs are first reduced in the DCT domain with ``draft``, which makes this cheap) so that its
+  longer side is N, and re-encoded in the format it would have been stored in (JPEG and WebP at
+  ``--jpeg-quality``, PNG losslessly). Images within N are stored as without the option.
+* Array sources (``.npz``, ``torchvision:``) are encoded as PNG (lossless) under ``keep`` and
+  ``png``, as JPEG under ``jpg``.
 * ``.npz``: ``labels`` may be left out for unlabelled data (then ``class_names`` is null and
   samples have no ``.cls``); without ``class_names`` classes are named ``"0"``, ``"1"``, ...
 * ``torchvision:NAME:ROOT``: ``--split train`` reads the train set, ``test``/``val`` the test set;
@@ -19,6 +32,8 @@ Writer choices worth knowing:
 * Every file is written as ``*.tmp`` and renamed; the index is removed first and written last, so
   an interrupted run never leaves an index that describes half-written shards. Shards of the same
   split left over from an earlier, longer run are removed. Tars are byte-reproducible (mtime 0).
+  The index records the options that shaped the members: ``image_format`` (``keep``, ``png`` or
+  ``jpg``) and ``max_side`` (null or N).
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -44,6 +60,11 @@ INDEX_FORMAT = "selfsup-shards/1"
 TORCHVISION_SETS = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
 MNIST_FAMILY = ("MNIST", "FashionMNIST", "KMNIST")
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://")
+IMAGE_FORMATS = ("keep", "png", "jpg")
+MIN_MAX_SIDE = 16
+# PIL format → member extension of the formats that readers promise to decode (MPO: the
+# multi-picture JPEG that many cameras write; any JPEG decoder reads its first picture).
+KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 SHARD_NAME = re.compile(r"(.+)-(\d+)\.tar")
 
 
@@ -195,7 +216,9 @@ def resolve_shards(spec: str, prefer: tuple = ()) -> ShardSet:
 
 # -------------------------------------------------------------------------------- sources ----
 # A source is (items, count, class_names): items yields (image, label | None, extra json | None),
-# the image as a PIL image, a uint8 array, or b"jpeg bytes" to store unchanged.
+# the image as a PIL image or a uint8 array (encoded by the writer), a finished member
+# (EXT, bytes) to store as it is, or None for a file that could not be read (then extra has
+# "file" and "error" and nothing is written for it).
 def _npz_source(path: Path):
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -227,7 +250,62 @@ def _npz_source(path: Path):
     return items, len(images), names
 
 
-def _folder_source(path: Path, image_format: str):
+def _plain_mode(img: Image.Image) -> Image.Image:
+    """1 or 3 channels, which is what readers want (1, LA → L; RGBA, palette, CMYK, ... → RGB)."""
+    return img if img.mode in ("L", "RGB") else img.convert("L" if img.mode in ("1", "LA") else "RGB")
+
+
+def _downscale(img: Image.Image, max_side: int) -> Image.Image:
+    """``img`` with its longer side reduced to ``max_side`` (aspect ratio kept to the nearest pixel),
+    in mode L or RGB. A JPEG is first reduced in the DCT domain (``draft``: 1/2, 1/4 or 1/8, never
+    below twice the target), so that a large photo is not fully decoded; then antialiased LANCZOS."""
+    w, h = img.size
+    scale = max_side / max(w, h)
+    size = (max_side, max(1, round(h * scale))) if w >= h else (max(1, round(w * scale)), max_side)
+    if img.format in ("JPEG", "MPO"):
+        img.draft(None, (2 * size[0], 2 * size[1]))
+    return _plain_mode(img).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def _save(img: Image.Image, ext: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img = _plain_mode(img)
+    if ext == "png":
+        img.save(buf, format="PNG")
+    elif ext == "webp":
+        img.save(buf, format="WEBP", quality=quality)
+    else:
+        img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _folder_member(data: bytes, image_format: str, max_side: int | None, quality: int) -> tuple[str, bytes]:
+    """One image file → (member extension, bytes) under ``image_format``/``max_side`` (see the
+    module docstring). Only the header is parsed unless the image has to be re-encoded; raises
+    (OSError, ValueError, ...) on a file PIL cannot open or, when re-encoding, decode."""
+    with Image.open(io.BytesIO(data)) as img:  # lazy: header only
+        fmt = img.format
+        if image_format == "keep":
+            ext = KEPT_FORMATS.get(fmt, "png")
+            copy = fmt in KEPT_FORMATS
+        elif image_format == "jpg":
+            ext, copy = "jpg", fmt in ("JPEG", "MPO") and img.mode in ("L", "RGB")
+        else:
+            ext, copy = "png", False
+        if max_side is not None and max(img.size) > max_side:
+            return ext, _save(_downscale(img, max_side), ext, quality)
+        if copy:
+            return ext, data  # the original file, no second lossy encoding
+        return ext, _save(img, ext, quality)
+
+
+def _unreadable_reason(e: Exception) -> str:
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not an image PIL can open"
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _folder_source(path: Path, image_format: str, max_side: int | None, quality: int):
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     classes, class_to_idx = find_classes(str(path))
@@ -235,14 +313,13 @@ def _folder_source(path: Path, image_format: str):
 
     def items():
         for file, label in samples:
-            data = Path(file).read_bytes()
             extra = {"path": os.path.relpath(file, path)}
-            with Image.open(io.BytesIO(data)) as img:
-                if image_format == "jpg" and img.format == "JPEG" and img.mode in ("L", "RGB"):
-                    yield data, label, extra  # no second lossy encoding
-                    continue
-                mode = "L" if img.mode in ("1", "L", "LA") else "RGB"
-                yield img.convert(mode), label, extra
+            try:
+                member = _folder_member(Path(file).read_bytes(), image_format, max_side, quality)
+            except Exception as e:  # unreadable file, truncated data, decompression bomb, ...
+                yield None, label, {"file": file, "error": _unreadable_reason(e)}
+                continue
+            yield member, label, extra
 
     return items(), len(samples), classes
 
@@ -300,8 +377,10 @@ def _torchvision_source(spec: str, subset: str):
     return ((img, int(label), None) for img, label in ds), len(ds), list(ds.classes)
 
 
-def open_source(source: str, split: str, image_format: str = "png", torchvision_split: str | None = None):
-    """SOURCE → (items, count, class_names); ValueError/OSError with a one-line message if bad."""
+def open_source(source: str, split: str, image_format: str = "keep", torchvision_split: str | None = None,
+                max_side: int | None = None, quality: int = 95):
+    """SOURCE → (items, count, class_names); ValueError/OSError with a one-line message if bad.
+    ``count`` counts image files, unreadable ones included."""
     if source.startswith("torchvision:"):
         subset = torchvision_split or {"train": "train", "test": "test", "val": "test"}.get(split)
         if subset is None:
@@ -314,34 +393,47 @@ def open_source(source: str, split: str, image_format: str = "png", torchvision_
     if path.is_file() and path.suffix == ".npz":
         return _npz_source(path)
     if path.is_dir():
-        return _folder_source(path, image_format)
+        return _folder_source(path, image_format, max_side, quality)
     raise ValueError(f"SOURCE {source}: expected an image folder, an .npz or torchvision:NAME:ROOT")
 
 
 # -------------------------------------------------------------------------------- writing ----
-def _encode(image, fmt: str, quality: int) -> bytes:
-    if isinstance(image, bytes):
-        return image
+def _encode(image, image_format: str, max_side: int | None, quality: int) -> tuple[str, bytes]:
+    """A source item's image → (member extension, bytes)."""
+    if isinstance(image, tuple):
+        return image  # finished by the source (image folders)
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-    if img.mode not in ("L", "RGB"):
-        img = img.convert("RGB")  # RGBA, palette, ...: readers want 1 or 3 channels
-    buf = io.BytesIO()
-    if fmt == "png":
-        img.save(buf, format="PNG")
-    else:
-        img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+    if max_side is not None and max(img.size) > max_side:
+        img = _downscale(img, max_side)
+    ext = "jpg" if image_format == "jpg" else "png"  # keep: arrays have no original bytes; lossless
+    return ext, _save(img, ext, quality)
 
 
 def write_shards(source: str, out_dir: str, split: str, shard_size: int = 5000,
-                 image_format: str = "png", quality: int = 95,
-                 torchvision_split: str | None = None) -> Path:
-    """Write ``OUT/SPLIT-%06d.tar`` + ``OUT/SPLIT.json`` (see the module docstring)."""
+                 image_format: str = "keep", quality: int = 95,
+                 torchvision_split: str | None = None, max_side: int | None = None) -> Path:
+    """Write ``OUT/SPLIT-%06d.tar`` + ``OUT/SPLIT.json`` (see the module docstring). Unreadable
+    image files are skipped; their count and one example go to stderr at the end."""
     import webdataset as wds
 
-    items, total, class_names = open_source(source, split, image_format, torchvision_split)
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format {image_format!r}: expected one of {', '.join(IMAGE_FORMATS)}")
+    if max_side is not None and max_side < MIN_MAX_SIDE:
+        raise ValueError(f"max_side {max_side}: must be at least {MIN_MAX_SIDE}")
+    items, total, class_names = open_source(source, split, image_format, torchvision_split, max_side, quality)
     if total == 0:
         raise ValueError(f"SOURCE {source} has no images")
+    skipped: list[dict] = []
+    items = iter(items)
+    for first in items:  # find a readable image before touching OUT_DIR
+        if first[0] is not None:
+            items = itertools.chain([first], items)
+            break
+        skipped.append(first[2])
+    else:
+        bad = skipped[0] if skipped else None
+        raise ValueError(f"SOURCE {source}: none of its {total} image file(s) could be read, e.g. "
+                         f"{bad['file']} ({bad['error']})" if bad else f"SOURCE {source} has no images")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     index_path = out / f"{split}.json"
@@ -357,8 +449,14 @@ def write_shards(source: str, out_dir: str, split: str, shard_size: int = 5000,
         os.replace(tmp, out / shards[-1]["name"])
 
     try:
-        with tqdm(total=total, desc=f"shards {split}", unit="img") as bar:  # closed on errors too
-            for i, (image, label, extra) in enumerate(items):
+        bar = tqdm(total=total, initial=len(skipped), desc=f"shards {split}", unit="img")
+        with bar:  # closed on errors too
+            i = 0  # samples written; skipped files take no key, so keys stay contiguous
+            for image, label, extra in items:
+                if image is None:
+                    skipped.append(extra)
+                    bar.update()
+                    continue
                 if i % shard_size == 0:
                     if writer is not None:
                         finish()
@@ -366,13 +464,15 @@ def write_shards(source: str, out_dir: str, split: str, shard_size: int = 5000,
                     tmp = out / (shards[-1]["name"] + ".tmp")
                     file = open(tmp, "wb")
                     writer = wds.TarWriter(file, encoder=False, mtime=0)  # mtime 0: reproducible
-                sample = {"__key__": f"{split}-{i:08d}", image_format: _encode(image, image_format, quality)}
+                ext, data = _encode(image, image_format, max_side, quality)
+                sample = {"__key__": f"{split}-{i:08d}", ext: data}
                 if label is not None:
                     sample["cls"] = str(label).encode()
                 if extra is not None:
                     sample["json"] = json.dumps(extra).encode()
                 writer.write(sample)
                 shards[-1]["num_samples"] += 1
+                i += 1
                 bar.update()
         if writer is not None:
             finish()
@@ -387,10 +487,14 @@ def write_shards(source: str, out_dir: str, split: str, shard_size: int = 5000,
         if match and match.group(1) == split and len(match.group(2)) == 6 and int(match.group(2)) >= len(shards):
             old.unlink()
     index = {"format": INDEX_FORMAT, "split": split, "num_samples": sum(s["num_samples"] for s in shards),
-             "class_names": class_names, "image_format": image_format, "shards": shards}
+             "class_names": class_names, "image_format": image_format, "max_side": max_side,
+             "shards": shards}
     tmp_index = out / f".{split}.json.tmp"
     tmp_index.write_text(json.dumps(index, indent=1) + "\n")
     os.replace(tmp_index, index_path)
+    if skipped:
+        print(f"selfsup-shards: warning: skipped {len(skipped)} unreadable file(s), e.g. "
+              f"{skipped[0]['file']} ({skipped[0]['error']})", file=sys.stderr)
     return index_path
 
 
@@ -405,8 +509,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", required=True, help="split name: train, val, test, ... (file names "
                    "and keys; for torchvision sources also picks the train or test set)")
     p.add_argument("--shard-size", type=int, default=5000, help="samples per tar (default 5000)")
-    p.add_argument("--image-format", choices=("png", "jpg"), default="png")
-    p.add_argument("--jpeg-quality", type=int, default=95, help="for re-encoded jpg (default 95)")
+    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="keep",
+                   help="keep (default): image files byte for byte under their real format's "
+                   "extension (jpg/png/webp; other formats re-encoded as PNG; arrays as PNG); "
+                   "png: re-encode everything as PNG; jpg: copy L/RGB JPEGs, re-encode the rest as JPEG")
+    p.add_argument("--max-side", type=int, default=None, metavar="N",
+                   help="downscale images whose longer side exceeds N to N (re-encoded in their "
+                   "own format); smaller images are stored as without it")
+    p.add_argument("--jpeg-quality", type=int, default=95,
+                   help="for re-encoded jpg (and downscaled webp) (default 95)")
     p.add_argument("--torchvision-split", choices=("train", "test"), default=None,
                    help="torchvision set to read when --split is not train/test/val")
     args = p.parse_args(argv)
@@ -418,9 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--torchvision-split only applies to torchvision:NAME:ROOT sources")
     if not 1 <= args.jpeg_quality <= 100:
         p.error("--jpeg-quality must be in 1..100")
+    if args.max_side is not None and args.max_side < MIN_MAX_SIDE:
+        p.error(f"--max-side must be at least {MIN_MAX_SIDE}")
     try:
         index = write_shards(args.source, args.out_dir, args.split, args.shard_size,
-                             args.image_format, args.jpeg_quality, args.torchvision_split)
+                             args.image_format, args.jpeg_quality, args.torchvision_split, args.max_side)
     except (ValueError, OSError) as e:  # bad input, not bad usage: one line, no usage text
         p.exit(2, f"{p.prog}: error: {' '.join(str(e).split())}\n")
     meta = json.loads(index.read_text())
