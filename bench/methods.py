@@ -45,7 +45,7 @@ TRAIN, VAL = "data/fashion-mnist/train-{000000..000003}.tar", "data/fashion-mnis
 
 # the make-demo backbone and optimiser, shared by every contrastive run
 RESNET = ["model.name=resnet10t", "model.small_stem=false", "model.channels_last=false",
-          "data.decode_size=28", "augment.size=28", "augment.scale=[0.5,1.0]",
+          "augment.size=28", "augment.scale=[0.5,1.0]",
           "optim.name=adamw", "optim.lr=2e-3", "optim.weight_decay=1e-4", "optim.momentum=0.9",
           "optim.warmup_epochs=0.1", "optim.lr_scaling=linear"]
 HEAD = ["objective.temperature=0.2", "objective.proj_hidden_dim=512", "objective.proj_dim=128"]

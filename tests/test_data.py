@@ -10,6 +10,9 @@ import torch
 
 from conftest import write_shards
 from selfsup.data import DataError, ShardLoader, split_shards
+from selfsup.views import ViewSpec
+
+CENTER16 = [ViewSpec(16, random=False)]
 
 
 @pytest.mark.parametrize("n_shards,world,workers", [(12, 2, 3), (7, 2, 2), (3, 2, 2), (1, 4, 1)])
@@ -36,11 +39,11 @@ def test_equal_batch_counts_on_every_rank(tmp_path, workers):
     counts, all_keys = [], Counter()
     for rank in range(2):
         loader = ShardLoader(str(index), batch_size=4, rank=rank, world_size=2,
-                             num_workers=workers, seed=3, decode_size=16, shuffle_buffer=8)
+                             num_workers=workers, seed=3, views=CENTER16, shuffle_buffer=8)
         batches = list(loader.epoch(0))
         counts.append(len(batches))
         for b in batches:
-            assert b["image"].shape == (4, 3, 16, 16) and b["image"].dtype == torch.uint8
+            assert b["image"].shape == (4, 1, 3, 16, 16) and b["image"].dtype == torch.uint8
             all_keys.update(b["key"])
     assert counts == [53 // 8, 53 // 8]
     assert sum(all_keys.values()) == 48
@@ -48,8 +51,8 @@ def test_equal_batch_counts_on_every_rank(tmp_path, workers):
 
 def test_epochs_reshuffle_and_seed_reproduces(tmp_path):
     index = write_shards(tmp_path, n=64, shard_size=16)
-    a = ShardLoader(str(index), batch_size=8, num_workers=0, seed=1, decode_size=16, shuffle_buffer=16)
-    b = ShardLoader(str(index), batch_size=8, num_workers=0, seed=1, decode_size=16, shuffle_buffer=16)
+    a = ShardLoader(str(index), batch_size=8, num_workers=0, seed=1, views=CENTER16, shuffle_buffer=16)
+    b = ShardLoader(str(index), batch_size=8, num_workers=0, seed=1, views=CENTER16, shuffle_buffer=16)
     e0, e1 = keys_of(a.epoch(0)), keys_of(a.epoch(1))
     assert e0 == keys_of(b.epoch(0))
     assert e0 != e1
@@ -59,7 +62,7 @@ def test_epochs_reshuffle_and_seed_reproduces(tmp_path):
 @pytest.mark.parametrize("workers,start", [(0, 3), (2, 3), (2, 4), (3, 5)])
 def test_resume_mid_epoch_gives_the_same_batches(tmp_path, workers, start):
     index = write_shards(tmp_path, n=96, shard_size=12)
-    loader = ShardLoader(str(index), batch_size=6, num_workers=workers, seed=7, decode_size=16,
+    loader = ShardLoader(str(index), batch_size=6, num_workers=workers, seed=7, views=CENTER16,
                          shuffle_buffer=10)
     full, positions = [], {}
     for i, batch in enumerate(loader.epoch(2)):
@@ -78,10 +81,10 @@ def test_labels_and_grayscale_become_three_channels(tmp_path):
     images = np.stack([np.full((10, 12), 40 * i, np.uint8) for i in range(5)])  # N,H,W gray
     np.savez(tmp_path / "g.npz", images=images, labels=np.arange(5))
     shards_main([str(tmp_path / "g.npz"), str(tmp_path / "out"), "--split", "train"])
-    loader = ShardLoader(str(tmp_path / "out"), batch_size=5, num_workers=0, decode_size=10,
+    loader = ShardLoader(str(tmp_path / "out"), batch_size=5, num_workers=0, views=[ViewSpec(10, random=False)],
                          shuffle_buffer=1)
     (batch,) = list(loader.epoch(0))
-    assert batch["image"].shape == (5, 3, 10, 10)
+    assert batch["image"].shape == (5, 1, 3, 10, 10)
     for img, label in zip(batch["image"], batch["label"]):
         assert torch.all(img == 40 * int(label))  # shorter side 10: centre crop 12 → 10, exact
 
@@ -108,7 +111,7 @@ def test_corrupt_and_truncated_samples_are_skipped_and_counted(tmp_path):
     assert any(n.startswith("train-00000003") for n in names)
     data = shards[1].read_bytes()
     shards[1].write_bytes(data[: len(data) // 2 + 100])  # truncated mid-member
-    loader = ShardLoader(str(index), batch_size=4, num_workers=0, decode_size=16,
+    loader = ShardLoader(str(index), batch_size=4, num_workers=0, views=CENTER16,
                          shuffle_buffer=1, samples_per_epoch=28)
     batches = list(loader.epoch(0))  # 28 > the ~23 readable samples: every shard is read
     keys = sum(keys_of(batches), [])
@@ -118,7 +121,7 @@ def test_corrupt_and_truncated_samples_are_skipped_and_counted(tmp_path):
 
 def test_bad_specs_are_one_line_errors(tmp_path):
     with pytest.raises(DataError, match="data.train"):
-        ShardLoader(str(tmp_path / "missing"), batch_size=4)
+        ShardLoader(str(tmp_path / "missing"), batch_size=4, views=CENTER16)
     index = write_shards(tmp_path / "s", n=8, shard_size=8)
     with pytest.raises(DataError, match="less than one global batch"):
-        ShardLoader(str(index), batch_size=8, world_size=2)
+        ShardLoader(str(index), batch_size=8, world_size=2, views=CENTER16)

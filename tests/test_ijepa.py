@@ -112,7 +112,7 @@ def test_masks_are_reproducible_from_their_seeds():
 def test_target_encoder_gets_no_gradient_and_moves_only_by_the_trainers_ema():
     obj = build()
     before = {k: v.clone() for k, v in obj.target.state_dict().items()}
-    loss, _ = obj({"image": torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)},
+    loss, _ = obj({"image": torch.randint(0, 256, (6, 1, 3, 16, 16), dtype=torch.uint8)},
                   torch.Generator().manual_seed(0))
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in obj.target.parameters())

@@ -2,6 +2,7 @@
 backbones) and labels, SupCon and the whole objective loss against slow loops, the checkpointed
 permutation counter, 1 vs 2 processes, bad values, and the small recipe end to end."""
 
+import io
 import json
 import math
 import subprocess
@@ -11,12 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from PIL import Image
 
 from conftest import ROOT, child_env, torchrun_cmd
 from selfsup.config import load_recipe
+from selfsup.decode import decode_views
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
-from selfsup.objectives.jigclu import quadrants, supcon_loss, tile_features
+from selfsup.objectives.jigclu import supcon_loss, tile_features
+from selfsup.views import sample_boxes, sample_rng
 from tinyrun import run_recipe_and_evaluate, train
 
 RECIPE = "jigclu_small.yaml"
@@ -55,20 +59,11 @@ def build(backbone=None, *overrides):
     return build_objective(cfg, backbone)
 
 
-def test_quadrants_overlap_by_the_cross_ratio_in_the_official_order():
-    img = torch.arange(20 * 20).reshape(1, 1, 20, 20)
-    tl, bl, tr, br = quadrants(img, 0.3)
-    assert all(q.shape[-2:] == (16, 16) for q in (tl, bl, tr, br))  # 10 + 0.3·20 = 0.8 of the side
-    assert tl[0, 0, 0, 0] == 0 and bl[0, 0, 0, 0] == 4 * 20 and tr[0, 0, 0, 0] == 4
-    assert br[0, 0, -1, -1] == 20 * 20 - 1 and bl[0, 0, -1, 0] == 19 * 20
-    tl, bl, tr, br = quadrants(torch.zeros(1, 1, 20, 30), 0.3)  # H and W each by its own side
-    assert tl.shape[-2:] == (16, 24) and bl.shape[-2:] == (16, 24) and br.shape[-2:] == (16, 24)
-
-
 def test_patches_are_the_four_quadrants_each_augmented_to_half_the_montage():
     """Corner blocks of distinct colours; each quadrant holds exactly one of them. With the
-    augmentation reduced to the resize, patch q of image i shows its own corner in the right place
-    and grey in the opposite one; the patches come quadrant-major, [P0; P1; P2; P3]."""
+    augmentation reduced to the resize, patch q of image i (cut by the loader's decoder from the
+    objective's views) shows its own corner in the right place and grey in the opposite one; the
+    patches come quadrant-major, [P0; P1; P2; P3]."""
     obj = build(Identity(), "augment.scale=[1.0,1.0]", "augment.ratio=[1.0,1.0]", "augment.hflip_p=0",
                 "augment.jitter_p=0", "augment.gray_p=0", "augment.blur_p=0")
     b = 3
@@ -78,7 +73,13 @@ def test_patches_are_the_four_quadrants_each_augmented_to_half_the_montage():
                               "tr": (slice(0, 4), slice(16, 20)), "br": (slice(16, 20), slice(16, 20))}.items():
         img[:, :, rows, cols] = torch.tensor(colours[key], dtype=torch.uint8)[:, None, None]
     img[1] = 255 - img[1]  # images differ, so a patch from the wrong image shows
-    p = obj.patches(img, torch.Generator().manual_seed(0))
+    views = []
+    for i in range(b):
+        png = io.BytesIO()
+        Image.fromarray(img[i].permute(1, 2, 0).numpy()).save(png, format="PNG")
+        boxes = sample_boxes(obj.views(), 20, 20, sample_rng(i))
+        views.append(decode_views(png.getvalue(), boxes, obj.views()[0].size))
+    p = obj.patches(torch.stack(views), torch.Generator().manual_seed(0))
     assert p.shape == (4 * b, 3, 8, 8)
     mean, std = torch.tensor(obj.augment.mean)[:, None], torch.tensor(obj.augment.std)[:, None]
     px = (p.flatten(2) * std + mean).reshape(p.shape) * 255  # back to 0..255

@@ -30,7 +30,7 @@ TINY = str(ROOT / "recipes" / "tiny.yaml")
 # every rank reads the whole shard and keeps samples i % W == rank (data.split_shards), so the
 # union of the per-rank batches is the 1-process batch of W*B, and the contrastive loss does not
 # care about the order within the batch.
-SAME_BATCH = ["model.name=test_convnext", "objective.proj_batch_norm=false", "data.decode_size=32",
+SAME_BATCH = ["model.name=test_convnext", "objective.proj_batch_norm=false", 
               "augment.size=32", "data.shuffle_buffer=1", "data.num_workers=0", "optim.name=sgd",
               "optim.lr=0.1", "augment.hflip_p=0", "augment.jitter_p=0", "augment.gray_p=0",
               "augment.blur_p=0", "augment.scale=[1.0,1.0]", "augment.ratio=[1.0,1.0]"]

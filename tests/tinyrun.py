@@ -17,7 +17,7 @@ import torch
 
 from conftest import ROOT, child_env, torchrun_cmd, write_shards
 
-TINY = ["data.decode_size=16", "data.num_workers=0", "data.shuffle_buffer=64", "augment.size=16",
+TINY = ["data.num_workers=0", "data.shuffle_buffer=64", "augment.size=16",
         "augment.scale=[0.5,1.0]", "augment.blur_p=0.0", "model.name=test_resnet",
         "model.channels_last=false", "optim.name=adamw", "optim.lr=1e-2", "optim.weight_decay=1e-4",
         "optim.warmup_epochs=0", "train.batch_size=16", "train.precision=fp32", "train.log_every=1",

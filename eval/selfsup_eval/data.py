@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "pgm", "pbm", "bmp", "tif", "tiff")
+from selfsup_io import BadLabel, image_member, label_member
+
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
@@ -116,15 +117,13 @@ def image_info(data: bytes) -> tuple[tuple[int, int], int]:
 
 
 def _to_sample(raw: dict, order: tuple[int, int]) -> Sample:
-    data = next((raw[k] for k in IMAGE_EXTS if k in raw), None)
-    label, bad = None, False
-    if "cls" in raw:
-        try:
-            label = int(raw["cls"].decode("ascii").strip())
-            bad = label < 0
-        except (UnicodeDecodeError, ValueError, AttributeError):
-            bad = True
-    return Sample(order, raw["__key__"], label, data, bad)
+    """A raw webdataset sample in any public layout (selfsup_io: image under jpg/png/webp...,
+    label from cls, a json label field or txt)."""
+    try:
+        label, bad = label_member(raw), False
+    except BadLabel:
+        label, bad = None, True
+    return Sample(order, raw["__key__"], label, image_member(raw), bad)
 
 
 def shard_samples(url: str) -> Iterator[dict]:

@@ -1,19 +1,18 @@
-"""Per-sample augmentation of a whole uint8 batch, on whatever device the batch lives on.
+"""Per-sample augmentation of a whole batch of views, on whatever device the batch lives on.
 
 torchvision.transforms.v2 applied to a batched tensor draws ONE set of random parameters for the
-whole batch; SSL needs a different crop and colour per image. Doing it per image in the loader
+whole batch; SSL needs a different flip and colour per image. Doing it per image in the loader
 workers (lightly's ``SimCLRTransform``) costs most of a CPU core per few hundred images. Here the
-loader only decodes; this module draws every sample's parameters from one CPU ``torch.Generator``
-(tiny tensors; the trainer checkpoints its state, so a resumed run draws the same views) and applies
-them with batched tensor ops, reusing torchvision's functional ops wherever they are batch-safe.
+crops arrive already cut (the loader cuts every view from the whole original image:
+:mod:`selfsup.views`, :mod:`selfsup.decode`); this module draws every sample's remaining parameters
+from one CPU ``torch.Generator`` (tiny tensors; the trainer checkpoints its state, so a resumed run
+draws the same views) and applies them with batched tensor ops, reusing torchvision's functional
+ops wherever they are batch-safe.
 
-Semantics per sample are those of the SimCLR pipeline RandomResizedCrop → RandomHorizontalFlip →
-RandomApply(ColorJitter) → RandomGrayscale → RandomApply(GaussianBlur) → [solarize] → Normalize:
+Semantics per sample are those of the SimCLR pipeline after its RandomResizedCrop:
+RandomHorizontalFlip → RandomApply(ColorJitter) → RandomGrayscale → RandomApply(GaussianBlur) →
+[solarize] → Normalize:
 
-- crop boxes follow ``RandomResizedCrop.get_params`` (10 tries, then a centre crop), vectorised;
-  crop, resize and flip are one ``affine_grid``/``grid_sample`` (bilinear, pixel-centre aligned).
-  Unlike ``resized_crop`` there is no antialiasing (only large downscales differ visibly) and a
-  box's edge pixels interpolate with the true neighbours outside the box instead of a clamped edge.
 - colour jitter applies brightness, contrast, saturation and hue in a random order per sample,
   exactly as torchvision's ColorJitter (which lightly uses): the ops do not commute (a hue shift
   after a saturation boost differs from before it), and the random order costs nothing here
@@ -33,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from omegaconf import OmegaConf
 from torch import nn
 # Private but batched (..., 3, H, W) HSV conversions of the pinned torchvision; tests/test_augment.py
 # compares the hue shift with the public adjust_hue, so an upgrade that changes them fails loudly.
@@ -41,57 +41,6 @@ from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # ids used by params["order"]
-
-
-def crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-               generator: torch.Generator | None = None, tries: int = 10) -> torch.Tensor:
-    """``n`` boxes (top, left, h, w) as float64 (n, 4), drawn like RandomResizedCrop.get_params.
-
-    All ``tries`` candidates are drawn at once and the first valid one is kept, so the number of
-    random draws does not depend on the data (the same generator state always yields the same
-    boxes); samples with no valid candidate fall back to the ratio-clamped centre crop."""
-    area = height * width
-    target = area * torch.empty(n, tries).uniform_(scale[0], scale[1], generator=generator).double()
-    log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    aspect = torch.exp(log_r.double())
-    w, h = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = ok.to(torch.uint8).argmax(1, keepdim=True)  # index of the first valid try
-    found = ok.any(1)
-    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, round(width / min(ratio))
-    elif in_ratio > max(ratio):
-        fw, fh = round(height * max(ratio)), height
-    else:
-        fw, fh = width, height
-    w = torch.where(found, w, torch.tensor(float(fw), dtype=torch.float64))
-    h = torch.where(found, h, torch.tensor(float(fh), dtype=torch.float64))
-    pos = torch.rand(n, 2, generator=generator).double()  # uniform integer offsets, like randint
-    top = torch.where(found, torch.floor(pos[:, 0] * (height - h + 1)).clamp(max=height - h),
-                      torch.div(height - h, 2, rounding_mode="floor"))
-    left = torch.where(found, torch.floor(pos[:, 1] * (width - w + 1)).clamp(max=width - w),
-                       torch.div(width - w, 2, rounding_mode="floor"))
-    return torch.stack([top, left, h, w], 1)
-
-
-def resized_crop(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
-    """Every sample's box (top, left, h, w in pixels) resampled to ``size``², mirrored where ``flip``.
-
-    Output pixel centres map to ``left + (k + 0.5) * w / size - 0.5`` in the input, the convention
-    of ``interpolate(align_corners=False)``; so a same-size integer box is an exact copy and the
-    mirror is the exact flip of the unflipped output. ``theta`` is built on the CPU: one transfer."""
-    n, c, height, width = x.shape
-    top, left, h, w = box.double().unbind(1)
-    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = w / width * (1 - 2 * flip.double())
-    theta[:, 0, 2] = (2 * left + w) / width - 1
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = (2 * top + h) / height - 1
-    theta = theta.to(x.dtype).to(x.device)  # cast first: some devices lack float64
-    grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -160,19 +109,21 @@ def _float3(images: torch.Tensor) -> torch.Tensor:
 
 
 class BatchAugment(nn.Module):
-    """uint8 (B, C, H, W) batch → normalised float32 (B, 3, size, size) views, random per sample.
+    """uint8 (B, C, size, size) views → normalised float32 (B, 3, size, size), random per sample.
 
-    ``forward(images, generator)`` = ``apply(images, sample_params(B, H, W, generator))``; the two
-    halves are public so tests (and debugging) can inspect or force the parameters."""
+    ``forward(images, generator)`` = ``apply(images, sample_params(B, generator))``; the two
+    halves are public so tests (and debugging) can inspect or force the parameters. ``size`` is
+    the views' side (it sets the blur kernel); the crop's ``scale``/``ratio`` of a recipe's
+    ``augment`` section belong to the views (:meth:`from_config` leaves them out)."""
 
-    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip_p=0.5,
+    def __init__(self, size: int, hflip_p=0.5,
                  jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
                  gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), blur_kernel_frac=0.1,
                  solarize_p=0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
         if not 0 <= hue <= 0.5:
             raise ValueError(f"hue must be in [0, 0.5], got {hue}")
-        self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
+        self.size = int(size)
         self.hflip_p, self.jitter_p, self.gray_p = hflip_p, jitter_p, gray_p
         self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
         self.blur_p, self.blur_sigma, self.solarize_p = blur_p, tuple(blur_sigma), solarize_p
@@ -181,18 +132,25 @@ class BatchAugment(nn.Module):
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
 
     def extra_repr(self) -> str:
-        return (f"size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip_p={self.hflip_p}, "
+        return (f"size={self.size}, hflip_p={self.hflip_p}, "
                 f"jitter_p={self.jitter_p}, gray_p={self.gray_p}, blur_p={self.blur_p}, "
                 f"blur_kernel={self.blur_kernel}, solarize_p={self.solarize_p}")
 
-    def sample_params(self, n: int, height: int, width: int, generator: torch.Generator) -> dict:
+    @classmethod
+    def from_config(cls, augment, size: int | None = None) -> "BatchAugment":
+        """From a recipe's ``augment`` section, for views of ``size`` (default ``augment.size``)."""
+        kwargs = OmegaConf.to_container(augment) if OmegaConf.is_config(augment) else dict(augment)
+        for key in ("size", "scale", "ratio"):  # the views' crop, cut before this module
+            kwargs.pop(key, None)
+        return cls(size or augment.size, **kwargs)
+
+    def sample_params(self, n: int, generator: torch.Generator) -> dict:
         """Every random draw for ``n`` images, as CPU tensors; a fixed number of draws per call
         whatever the settings, so RNG consumption (and resume) does not depend on the data.
 
-        Keys: box (top, left, h, w), flip, jitter, order (B, 4: op ids of ``JITTER_OPS`` in the
+        Keys: flip, jitter, order (B, 4: op ids of ``JITTER_OPS`` in the
         order applied), brightness, contrast, saturation (factors), hue (shift), gray, blur,
         sigma, solarize. Factors are U(max(0, 1-s), 1+s) and hue U(-h, h), as ColorJitter."""
-        box = crop_boxes(n, height, width, self.scale, self.ratio, generator)
         u = torch.rand(n, 11, generator=generator)
         order = torch.rand(n, 4, generator=generator).argsort(1)  # a uniform permutation per sample
 
@@ -201,7 +159,7 @@ class BatchAugment(nn.Module):
             return lo + (1.0 + s - lo) * u[:, col]
 
         lo, hi = self.blur_sigma
-        return {"box": box, "flip": u[:, 0] < self.hflip_p, "jitter": u[:, 1] < self.jitter_p,
+        return {"flip": u[:, 0] < self.hflip_p, "jitter": u[:, 1] < self.jitter_p,
                 "order": order, "brightness": factor(self.brightness, 2),
                 "contrast": factor(self.contrast, 3), "saturation": factor(self.saturation, 4),
                 "hue": (2 * u[:, 5] - 1) * self.hue, "gray": u[:, 6] < self.gray_p,
@@ -210,7 +168,9 @@ class BatchAugment(nn.Module):
 
     def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
         """The views of ``images`` for given parameters (see ``sample_params``)."""
-        x = resized_crop(_float3(images), p["box"], p["flip"], self.size)
+        x = _float3(images)
+        if self.hflip_p > 0:
+            x = _on_subset(x, p["flip"], lambda y: y.flip(-1))
         if self.jitter_p > 0:
             # An op with zero strength is skipped, as ColorJitter does (hue 0 would still
             # round-trip through HSV); the others run in each sample's own order.
@@ -236,7 +196,7 @@ class BatchAugment(nn.Module):
         """Views of ``images`` (on their device) with parameters drawn from the CPU ``generator``;
         float32 even inside an autocast region. With ``return_params``: (views, params)."""
         with torch.autocast(images.device.type, enabled=False):
-            p = self.sample_params(images.shape[0], images.shape[2], images.shape[3], generator)
+            p = self.sample_params(images.shape[0], generator)
             out = self.apply(images, p)
         return (out, p) if return_params else out
 

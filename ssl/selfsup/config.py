@@ -20,6 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
+# keys older recipes may still carry, and what replaced them
+REMOVED_KEYS = {"data.decode_size": "every view is now cut from the whole original image and "
+                "resized to augment.size (drop the key; data.decode=device decodes JPEGs on the GPU)"}
+
+
 class RecipeError(ValueError):
     """A recipe problem, reported to the user as one line."""
 
@@ -35,7 +40,7 @@ class DataConfig:
     train: Optional[str] = None  # shard spec, see docs/formats.md
     val: Optional[str] = None  # labelled shards for the online monitor
     samples_per_epoch: Optional[int] = None  # only needed when the shards have no index json
-    decode_size: int = 32  # loader output side (uint8); augmentation crops from this
+    decode: str = "cpu"  # cpu: workers decode + crop | device: JPEGs decoded on the training device
     num_workers: int = 2
     shuffle_buffer: int = 2000
 
@@ -147,6 +152,8 @@ def _load_yaml(path: Path, seen: tuple = ()) -> DictConfig:
 def _explain(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None) or getattr(e, "key", None)
     msg = str(e).splitlines()[0]
+    if key in REMOVED_KEYS:
+        return f"recipe key '{key}' was removed: {REMOVED_KEYS[key]}"
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
         return f"unknown recipe key '{key}' (check the spelling; see README 'Recipe keys')"
     return f"bad value for recipe key '{key}': {msg}"

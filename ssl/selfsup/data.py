@@ -15,27 +15,30 @@ are not expressed by chaining webdataset's filters:
 
 Tar reading itself (local files, ``pipe:`` commands, http URLs) is webdataset's.
 
-Images are decoded to fixed-size ``uint8`` tensors (``decode_size``, shorter side resized then
-centre-cropped). Augmentation happens afterwards on the whole batch, on the training device
-(:mod:`selfsup.augment`), so the CPU only decodes.
+Each sample becomes its views, uint8 (V, 3, S, S): the crop boxes are drawn over the whole
+original image from its header size (:mod:`selfsup.views`, the objective says which views), then
+the image is decoded only as far as the boxes need, in the worker (``decode="cpu"``) or batched on
+the training device (``decode="device"``, :mod:`selfsup.decode`). Flips, colour and blur follow on
+the whole batch on the training device (:mod:`selfsup.augment`). A pass over the shards in which
+no image decodes is an error (bad data must not turn into an endless loop).
 """
 
 from __future__ import annotations
 
-import io
 import random
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from selfsup.decode import DeviceDecoder, decode_views, device_decodable, open_image
 from selfsup.shards import ShardSet, resolve_shards
+from selfsup.views import ViewSpec, sample_boxes, sample_rng, view_size
+from selfsup_io import BadLabel, image_member, label_member
 
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
+DECODE_MODES = ("cpu", "device")
 
 
 class DataError(ValueError):
@@ -72,29 +75,14 @@ def _shuffle(samples, bufsize: int, rng: random.Random):
     yield from buf
 
 
-def decode_image(sample: dict, size: int) -> torch.Tensor:
-    """Decode one sample's image to a (3, size, size) uint8 tensor (grayscale → 3 channels)."""
-    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-    if data is None:
-        raise ValueError(f"sample {sample.get('__key__')} has no image member")
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        w, h = img.size
-        if min(w, h) != size:
-            scale = size / min(w, h)
-            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                             Image.BILINEAR)
-            w, h = img.size
-        if (w, h) != (size, size):
-            left, top = (w - size) // 2, (h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-        arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
-def decode_label(sample: dict) -> int:
-    cls = sample.get("cls")
-    return int(cls.decode() if isinstance(cls, bytes) else cls) if cls is not None else -1
+def sample_label(sample: dict) -> int:
+    """The class index, or -1 for an unlabelled sample. A label that does not parse also gives
+    -1: pretraining does not use labels, so it is no reason to drop the image."""
+    try:
+        label = label_member(sample)
+    except BadLabel:
+        return -1
+    return -1 if label is None else label
 
 
 @dataclass
@@ -109,7 +97,8 @@ class StreamPlan:
     num_workers: int
     seed: int
     epoch: int
-    decode_size: int
+    views: list[ViewSpec]
+    decode: str
     shuffle_buffer: int
     start_batch: int = 0
     positions: dict | None = None  # role -> samples drawn from that role's buffer
@@ -153,18 +142,37 @@ class ShardStream(IterableDataset):
         for rnd in range(1 << 30):
             if rnd:
                 random.Random(hash((p.seed, p.epoch, p.rank, role, rnd))).shuffle(mine)
-            seen = 0
+            seen, stats["decoded_in_pass"] = 0, 0
             for sample in _shuffle(one_pass(), p.shuffle_buffer, rng):
                 seen += 1
                 yield sample
             if seen == 0:
                 raise DataError(f"no samples could be read from {len(mine)} shard(s), "
                                 f"e.g. {mine[0]}: check data.train")
+            if stats["decoded_in_pass"] == 0:
+                raise DataError(f"none of the {seen} images in {len(mine)} shard(s) (e.g. "
+                                f"{mine[0]}) could be decoded: check data.train")
+
+    def _sample(self, sample: dict, drawn: int, role: int) -> dict:
+        """One sample's views (``view``) or, for the device decoder, its JPEG bytes and boxes
+        (``jpeg``, ``boxes``). Raises on an image that cannot be read."""
+        p = self.plan
+        data = image_member(sample)
+        if data is None:
+            raise ValueError(f"sample {sample.get('__key__')} has no image member")
+        img = open_image(data)
+        width, height = img.size
+        boxes = sample_boxes(p.views, height, width,
+                             sample_rng(p.seed, p.epoch, p.rank, role, drawn))
+        if p.decode == "device" and device_decodable(img, data):
+            img.close()
+            return {"jpeg": data, "boxes": boxes}
+        return {"view": decode_views(img, boxes, view_size(p.views))}
 
     def __iter__(self):
         p = self.plan
         role = self._role()
-        self.stats = {"corrupt": 0}
+        self.stats = {"corrupt": 0, "decoded_in_pass": 0}
         rng = random.Random(hash((p.seed, p.epoch, p.rank, role)))
         shuffled = self._samples(role, rng)
         drawn = 0
@@ -173,20 +181,42 @@ class ShardStream(IterableDataset):
             next(shuffled)
             drawn += 1
         for _ in range(self._num_batches(role)):
-            images, labels, keys = [], [], []
-            while len(images) < p.batch_size:
+            out, labels, keys = [], [], []
+            while len(out) < p.batch_size:
                 sample = next(shuffled)
                 drawn += 1
                 try:
-                    images.append(decode_image(sample, p.decode_size))
+                    out.append(self._sample(sample, drawn, role))
                 except Exception:  # undecodable image: skip and count, never fatal
                     self.stats["corrupt"] += 1
                     continue
-                labels.append(decode_label(sample))
+                self.stats["decoded_in_pass"] += 1
+                labels.append(sample_label(sample))
                 keys.append(sample["__key__"])
             corrupt, self.stats["corrupt"] = self.stats["corrupt"], 0
-            yield {"image": torch.stack(images), "label": torch.tensor(labels),
-                   "key": keys, "role": role, "drawn": drawn, "corrupt": corrupt}
+            batch = {"label": torch.tensor(labels), "key": keys, "role": role, "drawn": drawn,
+                     "corrupt": corrupt}
+            yield {**batch, **_collate(out, p.views)}
+
+
+def _collate(samples: list[dict], views: list[ViewSpec]) -> dict:
+    """The batch's decoded views as ``image`` (B, V, 3, S, S); in device mode only those the
+    worker decoded itself (``image_rows`` say which), plus the JPEGs left for the device, joined
+    into one byte tensor (``jpeg``, split by ``jpeg_sizes``): one shared-memory transfer per batch
+    instead of one per image."""
+    rows = [i for i, s in enumerate(samples) if "view" in s]
+    size = view_size(views)
+    image = torch.stack([samples[i]["view"] for i in rows]) if rows else \
+        torch.empty(0, len(views), 3, size, size, dtype=torch.uint8)
+    if len(rows) == len(samples):
+        return {"image": image}
+    jpeg_rows = [i for i, s in enumerate(samples) if "jpeg" in s]
+    return {"image": image, "image_rows": torch.tensor(rows, dtype=torch.long),
+            "jpeg": torch.frombuffer(bytearray(b"".join(samples[i]["jpeg"] for i in jpeg_rows)),
+                                     dtype=torch.uint8),
+            "jpeg_sizes": torch.tensor([len(samples[i]["jpeg"]) for i in jpeg_rows], dtype=torch.long),
+            "jpeg_rows": torch.tensor(jpeg_rows, dtype=torch.long),
+            "jpeg_boxes": torch.stack([samples[i]["boxes"] for i in jpeg_rows])}
 
 
 class ShardLoader:
@@ -196,12 +226,15 @@ class ShardLoader:
     ``e`` for this rank. ``batches_per_epoch`` is identical on every rank.
     """
 
-    def __init__(self, spec: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 2, seed: int = 0, decode_size: int = 32,
+    def __init__(self, spec: str, *, batch_size: int, views: list[ViewSpec], rank: int = 0,
+                 world_size: int = 1, num_workers: int = 2, seed: int = 0, decode: str = "cpu",
                  shuffle_buffer: int = 2000, samples_per_epoch: int | None = None,
                  key: str = "data.train", prefer: tuple = ("train",)):
+        if decode not in DECODE_MODES:
+            raise DataError(f"data.decode must be one of {', '.join(DECODE_MODES)}, not {decode!r}")
         try:
             self.shards: ShardSet = resolve_shards(spec, prefer)
+            view_size(views)
         except ValueError as e:
             raise DataError(f"{key}: {e}") from None
         total = samples_per_epoch or self.shards.num_samples
@@ -214,16 +247,28 @@ class ShardLoader:
             raise DataError(f"{key}: {total} samples is less than one global batch of "
                             f"{world_size}x{batch_size}; lower train.batch_size")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.num_workers, self.seed, self.decode_size = num_workers, seed, decode_size
+        self.num_workers, self.seed, self.views, self.decode = num_workers, seed, list(views), decode
         self.shuffle_buffer = shuffle_buffer
+        self._decoders: dict = {}
 
     def epoch(self, epoch: int, start_batch: int = 0, positions: dict | None = None):
         plan = StreamPlan(self.shards.urls, self.batch_size, self.batches_per_epoch, self.rank,
                           self.world_size, max(1, self.num_workers), self.seed, epoch,
-                          self.decode_size, self.shuffle_buffer, start_batch, positions)
+                          self.views, self.decode, self.shuffle_buffer, start_batch, positions)
         stream = ShardStream(plan)
         if self.num_workers == 0:
             return iter(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                persistent_workers=False, pin_memory=torch.cuda.is_available(),
                                prefetch_factor=4))
+
+    def to_device(self, batch: dict, device) -> dict:
+        """The batch on ``device`` with ``image`` (B, V, 3, S, S) uint8 complete: in device mode
+        the JPEGs the workers left are decoded and cropped there (their failures counted in
+        ``corrupt``). Non-tensor entries are left as they are."""
+        if "jpeg" in batch:
+            if device not in self._decoders:
+                self._decoders[device] = DeviceDecoder(device, view_size(self.views))
+            batch = self._decoders[device].decode(batch)
+        return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                for k, v in batch.items()}

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from selfsup.data import DataError, ShardLoader
 from selfsup.shards import resolve_shards
+from selfsup.views import ViewSpec
 
 
 def collapse_metrics(features: torch.Tensor) -> dict[str, float]:
@@ -62,10 +63,10 @@ class Monitor:
                 raise DataError(f"{key}: {e}") from None
             n = min(cfg.monitor.max_samples, known or cfg.monitor.max_samples)
             loader = ShardLoader(spec, batch_size=min(256, n), num_workers=0, seed=0,
-                                 decode_size=cfg.data.decode_size, shuffle_buffer=1,
+                                 views=[ViewSpec(cfg.augment.size, random=False)], shuffle_buffer=1,
                                  samples_per_epoch=n, key=key, prefer=prefer)
             batches = list(loader.epoch(0))
-            self._cache[spec, prefer] = (torch.cat([b["image"] for b in batches]),
+            self._cache[spec, prefer] = (torch.cat([b["image"][:, 0] for b in batches]),
                                  torch.cat([b["label"] for b in batches]))
         return self._cache[spec, prefer]
 
@@ -76,10 +77,7 @@ class Monitor:
         std = torch.tensor(aug.std, device=self.device).view(1, -1, 1, 1)
         out = []
         for chunk in images.split(256):
-            x = chunk.to(self.device).float() / 255
-            if x.shape[-1] != aug.size:
-                x = F.interpolate(x, size=(aug.size, aug.size), mode="bilinear",
-                                  antialias=True, align_corners=False)
+            x = chunk.to(self.device).float() / 255  # centre views at augment.size
             out.append(backbone((x - mean) / std).float())
         return torch.cat(out)
 

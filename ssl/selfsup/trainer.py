@@ -120,7 +120,7 @@ class Trainer:
         self.loader = ShardLoader(cfg.data.train, batch_size=cfg.train.batch_size,
                                   rank=acc.process_index, world_size=acc.num_processes,
                                   num_workers=cfg.data.num_workers, seed=cfg.run.seed,
-                                  decode_size=cfg.data.decode_size,
+                                  views=objective.views(), decode=cfg.data.decode,
                                   shuffle_buffer=cfg.data.shuffle_buffer,
                                   samples_per_epoch=cfg.data.samples_per_epoch)
         accum = cfg.train.grad_accum
@@ -267,9 +267,8 @@ class Trainer:
                 t = time.perf_counter()
                 batch = next(data)
                 window["wait"] += time.perf_counter() - t
+                batch = self.loader.to_device(batch, device)  # device mode: decodes JPEGs there
                 window["corrupt"] += batch.pop("corrupt")
-                batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
-                         for k, v in batch.items()}
                 sync = micro == accum - 1
                 with nullcontext() if sync else acc.no_sync(self.model):
                     loss, metrics = self.model(batch, self.generator)

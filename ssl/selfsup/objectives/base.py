@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from selfsup.config import RecipeError
+from selfsup.views import ViewSpec
 
 _REGISTRY: dict[str, type["Objective"]] = {}
 
@@ -29,8 +30,11 @@ class Objective(nn.Module):
     """Base class. Subclasses set ``Config`` (a dataclass with a ``name`` field) and implement
     :meth:`forward`.
 
-    ``forward(batch, generator)`` receives the batch on the training device (``batch["image"]`` is
-    uint8, (B, 3, H, W)) and the trainer's augmentation RNG (a CPU ``torch.Generator`` that is
+    ``views()`` says which crops the loader cuts from every image (:class:`selfsup.views.ViewSpec`;
+    by default two ``RandomResizedCrop(augment.size, augment.scale, augment.ratio)`` views, as the
+    two-view contrastive methods use). ``forward(batch, generator)`` receives the batch on the
+    training device (``batch["image"]`` is those views, uint8 (B, V, 3, S, S)) and the trainer's
+    augmentation RNG (a CPU ``torch.Generator`` that is
     checkpointed, so resumed runs draw the same augmentations). ``batch["epoch"]`` (float) is the
     number of epochs completed before this batch, for warm-ups (MoCHi). It returns ``(loss, metrics)``
     where ``metrics`` maps names to scalar tensors or floats, logged as they are.
@@ -70,6 +74,10 @@ class Objective(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         for name in self._host_counts:  # one sync per load, none per step
             self._host_counts[name] = int(getattr(self, name))
+
+    def views(self) -> list[ViewSpec]:
+        aug = self.cfg.augment
+        return [ViewSpec(aug.size, tuple(aug.scale), tuple(aug.ratio))] * 2
 
     def forward(self, batch: dict, generator: torch.Generator):
         raise NotImplementedError

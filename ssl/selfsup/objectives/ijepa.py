@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from lightly.models.modules import IJEPAPredictorTIMM, MaskedVisionTransformerTIMM
 from lightly.models.utils import apply_masks, deactivate_requires_grad, repeat_interleave_batch
-from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
 from selfsup.augment import BatchAugment
+from selfsup.views import ViewSpec
 from selfsup.config import RecipeError
 from selfsup.objectives.base import Objective, register
 from selfsup.objectives.ijepa_masks import MultiBlockMasks
@@ -91,7 +91,7 @@ class IJEPA(Objective):
         oc = cfg.objective
         self._check(cfg, backbone)
         grid = backbone.patch_embed.grid_size
-        self.augment = BatchAugment(**OmegaConf.to_container(cfg.augment))
+        self.augment = BatchAugment.from_config(cfg.augment)
         try:
             self.masks = MultiBlockMasks(grid, oc.num_targets, oc.target_scale, oc.target_aspect,
                                          oc.num_context, oc.context_scale, oc.min_keep, oc.allow_overlap)
@@ -186,8 +186,12 @@ class IJEPA(Objective):
                        "pred_std": z.std(0).mean(), "mask_relaxed": float(self.masks.relaxed)}
         return loss, metrics
 
+    def views(self) -> list[ViewSpec]:
+        """One ``RandomResizedCrop(augment.size, augment.scale)`` view (official: scale 0.3-1)."""
+        return super().views()[:1]
+
     def forward(self, batch, generator):
-        images = self.augment(batch["image"], generator)
+        images = self.augment(batch["image"][:, 0], generator)
         context, targets = self.sample_masks(len(images), generator)
         context = [m.to(images.device, non_blocking=True) for m in context]
         targets = [m.to(images.device, non_blocking=True) for m in targets]

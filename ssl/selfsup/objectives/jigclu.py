@@ -4,9 +4,11 @@ every patch came from (../shared/methods.md §4).
 
 Following the official code (``dvlab-research/JigsawClustering``):
 
-* **Patches**: each image is cut into 4 overlapping quadrants, each extending ``cross_ratio`` of the
-  side past the midline (0.3 → patches of 0.8 × the side), in the order (TL, BL, TR, BR); each patch
-  is augmented independently by the recipe's ``augment`` (MoCo-v2 style) at half the montage size.
+* **Patches**: each original image is cut into 4 overlapping quadrants, each extending
+  ``cross_ratio`` of the side past the midline (0.3 → patches of 0.8 × the side), in the order
+  (TL, BL, TR, BR); the loader crops each quadrant with ``RandomResizedCrop`` at half the montage
+  size (:meth:`JigClu.views`), and each patch gets the rest of the recipe's ``augment`` (MoCo-v2
+  style) independently.
 * **Montage**: the patches of the whole global batch (gathered from every process, no gradient)
   form G = [P0; P1; P2; P3] of length 4n (index t = patch of image t mod n from quadrant t div n).
   One permutation of 4n, the same on every process, shuffles G; montage j tiles G[j] (top-left),
@@ -39,24 +41,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from lightly.utils import dist
-from omegaconf import OmegaConf
 from torch import nn
 
 from selfsup.augment import BatchAugment
+from selfsup.views import ViewSpec
 from selfsup.config import RecipeError
 from selfsup.losses import gather_cat
 from selfsup.objectives.base import Objective, register
-
-
-def quadrants(images: torch.Tensor, cross_ratio: float) -> list[torch.Tensor]:
-    """(TL, BL, TR, BR) crops of a (B, C, H, W) batch, each reaching ``cross_ratio`` of the side
-    past the midline (the official ``JigCluTransform`` order and geometry)."""
-    h, w = images.shape[-2:]
-    ch, cw = int(cross_ratio * h), int(cross_ratio * w)
-    top, bottom = slice(0, h // 2 + ch), slice(h // 2 - ch, h)
-    left, right = slice(0, w // 2 + cw), slice(w // 2 - cw, w)
-    return [images[..., top, left], images[..., bottom, left], images[..., top, right],
-            images[..., bottom, right]]
 
 
 def montage(g: torch.Tensor, n: int) -> torch.Tensor:
@@ -162,7 +153,7 @@ class JigClu(Objective):
             raise RecipeError(f"objective.cross_ratio must be in [0, 0.5), not {oc.cross_ratio}")
         if oc.temperature <= 0 or oc.base_temperature <= 0:
             raise RecipeError("objective.temperature and objective.base_temperature must be > 0")
-        self.augment = BatchAugment(**{**OmegaConf.to_container(cfg.augment), "size": cfg.augment.size // 2})
+        self.augment = BatchAugment.from_config(cfg.augment, cfg.augment.size // 2)
         dim = backbone.num_features
         self.clu_head = nn.Sequential(nn.Linear(dim, oc.proj_hidden_dim), nn.ReLU(inplace=True),
                                       nn.Linear(oc.proj_hidden_dim, oc.proj_dim))
@@ -180,11 +171,17 @@ class JigClu(Objective):
         g = torch.Generator().manual_seed(self.perm_seed + self.next_count("perm_calls"))
         return torch.randperm(total, generator=g)
 
-    def patches(self, images: torch.Tensor, generator) -> torch.Tensor:
-        """(4B, 3, s/2, s/2): every quadrant of every local image, augmented independently,
+    def views(self) -> list[ViewSpec]:
+        """One ``RandomResizedCrop(augment.size / 2, augment.scale, augment.ratio)`` inside each
+        of the four quadrants of the original image, in the official order (TL, BL, TR, BR)."""
+        aug, cross = self.cfg.augment, self.cfg.objective.cross_ratio
+        return [ViewSpec(aug.size // 2, tuple(aug.scale), tuple(aug.ratio), quadrant=q, cross=cross)
+                for q in range(4)]
+
+    def patches(self, views: torch.Tensor, generator) -> torch.Tensor:
+        """(4B, 3, s/2, s/2): the (B, 4, 3, s/2, s/2) quadrant crops, augmented independently,
         quadrant-major ([P0; P1; P2; P3])."""
-        crops = quadrants(images, self.cfg.objective.cross_ratio)
-        return torch.cat([self.augment(c.contiguous(), generator) for c in crops])
+        return torch.cat([self.augment(views[:, q], generator) for q in range(4)])
 
     def tiles(self, p: torch.Tensor):
         """Montage this step's patches and encode this process's montages.

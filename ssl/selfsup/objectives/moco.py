@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from lightly.models.modules import MoCoProjectionHead
 from lightly.models.utils import deactivate_requires_grad
 from lightly.utils import dist
-from omegaconf import OmegaConf
 
 from selfsup.augment import BatchAugment
 from selfsup.config import RecipeError
@@ -82,7 +81,7 @@ class MoCo(Objective):
                               f"({global_batch}) enqueued every step")
         check_mochi(oc.mochi, oc.queue_size, "queue entries")
         check_hallucinator(oc.hallucinator)
-        self.augment = BatchAugment(**OmegaConf.to_container(cfg.augment))
+        self.augment = BatchAugment.from_config(cfg.augment)
         self.head = MoCoProjectionHead(backbone.num_features, oc.proj_hidden_dim, oc.proj_dim,
                                        oc.proj_layers, oc.proj_batch_norm)
         self.backbone_key = copy.deepcopy(backbone)
@@ -157,6 +156,6 @@ class MoCo(Objective):
         epoch = batch.get("epoch", math.inf)  # the trainer sets it; callers without it get mixing
         if "views" in batch:
             return self.loss_from_views(*batch["views"], generator=generator, epoch=epoch)
-        images = batch["image"]
-        v0, v1 = self.augment(images, generator), self.augment(images, generator)
+        views = batch["image"]  # (B, 2, 3, S, S): two crops per image, cut by the loader
+        v0, v1 = self.augment(views[:, 0], generator), self.augment(views[:, 1], generator)
         return self.loss_from_views(v0, v1, generator=generator, epoch=epoch)

@@ -27,7 +27,6 @@ import torch
 from lightly.loss import DCLLoss, DCLWLoss, NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from lightly.utils import dist
-from omegaconf import OmegaConf
 
 from selfsup.augment import BatchAugment
 from selfsup.config import RecipeError
@@ -85,7 +84,7 @@ class SimCLR(Objective):
         global_batch = cfg.train.batch_size * dist.world_size()
         check_mochi(oc.mochi, 2 * rows * (global_batch - 1), "in-batch negatives")  # own rows masked
         check_hallucinator(oc.hallucinator)
-        self.augment = BatchAugment(**OmegaConf.to_container(cfg.augment))
+        self.augment = BatchAugment.from_config(cfg.augment)
         self.head = SimCLRProjectionHead(backbone.num_features, oc.proj_hidden_dim, oc.proj_dim,
                                          oc.proj_layers, oc.proj_batch_norm)
         self.mixer = HardNegativeMixer(oc.mochi)
@@ -132,6 +131,6 @@ class SimCLR(Objective):
         epoch = batch.get("epoch", math.inf)  # the trainer sets it; callers without it get mixing
         if "views" in batch:  # views made elsewhere (a CPU transform pipeline, a test)
             return self.loss_from_views(*batch["views"], generator=generator, epoch=epoch)
-        images = batch["image"]
-        return self.loss_from_views(self.augment(images, generator), self.augment(images, generator),
-                                    generator=generator, epoch=epoch)
+        views = batch["image"]  # (B, 2, 3, S, S): two crops per image, cut by the loader
+        return self.loss_from_views(self.augment(views[:, 0], generator),
+                                    self.augment(views[:, 1], generator), generator=generator, epoch=epoch)

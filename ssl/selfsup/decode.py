@@ -1,0 +1,138 @@
+"""Decoding a sample's views: only as many pixels as its crops need, on the CPU or on the GPU.
+
+Both paths take the crop boxes drawn from the image's header size (:mod:`selfsup.views`) and give
+the same thing, uint8 views (V, 3, S, S) per sample, so what follows never knows which ran.
+
+* **CPU** (:func:`decode_views`, in the loader's workers): a JPEG is decoded with libjpeg's DCT
+  scaling (PIL's ``draft``) at the largest reduction 1/2, 1/4 or 1/8 that still leaves every box at
+  least ``S`` pixels across, so a 2,000-px photo whose crops are 224 px is decoded at 500 px. Every
+  view is then cut and resized in one antialiased bilinear ``Image.resize(box=...)``, what
+  ``RandomResizedCrop`` does on a PIL image, from the pixels around the box rather than a copy
+  clamped at its edge. Neither PIL nor torchvision can decode only a region of a JPEG, so the
+  scaled image is decoded whole.
+* **Device** (:class:`DeviceDecoder`, for machines with few cores per GPU): workers only read the
+  bytes and the header; the JPEGs of a batch are decoded together by
+  ``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG on CUDA) and every view is cut with
+  ``roi_align`` (bilinear samples averaged over each output pixel's footprint: antialiased when
+  shrinking, plain bilinear when enlarging). Samples the device decoder should not get (PNG, WEBP,
+  CMYK, a JPEG without its end marker) are decoded by the worker on the CPU path; a JPEG the
+  device decoder still refuses is decoded on the host, and one nobody can decode takes another
+  sample's views and is counted as corrupt (the batch keeps its size: every rank must). With
+  ``device="cpu"`` the same code runs on the CPU, which is how the tests cover it.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+JPEG_DEVICE_MODES = ("RGB", "L")  # what nvJPEG decodes to RGB; CMYK/YCCK stay on the CPU
+
+
+def open_image(data: bytes) -> Image.Image:
+    """A lazily opened PIL image (header parsed, pixels not decoded). Raises on empty or
+    unrecognised bytes."""
+    if not data:
+        raise ValueError("empty image member")
+    return Image.open(io.BytesIO(data))
+
+
+def dct_reduction(boxes: torch.Tensor, size: int) -> int:
+    """The largest JPEG DCT reduction (8, 4, 2 or 1) that keeps every box (V, 4: top, left, h, w)
+    at least ``size`` pixels high and wide, i.e. that never decodes fewer pixels than a crop needs."""
+    need = float(boxes[:, 2:].min()) / size
+    return next(r for r in (8, 4, 2, 1) if r <= need or r == 1)
+
+
+def decode_views(data: bytes | Image.Image, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (V, 3, size, size): the ``boxes`` (original-image pixels) of one encoded image, each
+    resized to ``size``² (antialiased bilinear). Grayscale, CMYK, palette and alpha images are
+    converted to RGB. Raises on undecodable or truncated data."""
+    img = data if isinstance(data, Image.Image) else open_image(data)
+    with img:
+        width = img.size[0]
+        scale = 1.0
+        if img.format == "JPEG":
+            r = dct_reduction(boxes, size)
+            drafted = img.draft(None, (img.size[0] // r, img.size[1] // r)) if r > 1 else None
+            if drafted is not None:
+                scale = drafted[1][2] / width  # 1 / the reduction libjpeg will apply
+        rgb = img.convert("RGB")  # decodes; raises on truncated or corrupt data
+    out = np.empty((len(boxes), 3, size, size), dtype=np.uint8)
+    for v, (top, left, h, w) in enumerate((boxes * scale).tolist()):
+        view = rgb.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        out[v] = np.asarray(view).transpose(2, 0, 1)  # numpy: no torch thread pool per image
+    return torch.from_numpy(out)
+
+
+def device_decodable(img: Image.Image, data: bytes) -> bool:
+    """Whether a sample goes to the device decoder: a baseline or progressive JPEG in RGB or
+    grayscale whose bytes end with the end-of-image marker (a cheap test that catches truncated
+    files, which nvJPEG may decode to grey without complaint)."""
+    return img.format == "JPEG" and img.mode in JPEG_DEVICE_MODES and \
+        data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+
+
+def crop_resize(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (3, H, W) image on any device → uint8 (V, 3, size, size): each box (top, left, h, w)
+    resized with ``roi_align`` (aligned pixel centres; one bilinear sample per output pixel when
+    enlarging, ceil(box/size)² averaged samples when shrinking)."""
+    from torchvision.ops import roi_align
+
+    top, left, h, w = boxes.to(torch.float32).unbind(1)
+    rois = torch.stack([torch.zeros_like(top), left, top, left + w, top + h], 1).to(image.device)
+    out = roi_align(image[None].float(), rois, (size, size), spatial_scale=1.0, sampling_ratio=-1,
+                    aligned=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class DeviceDecoder:
+    """Decodes a batch's JPEGs on ``device`` and cuts their views there (see the module
+    docstring). ``decode(batch)`` returns the batch with ``image`` (B, V, 3, S, S) on the device
+    and the corrupt count raised by the samples nobody could decode."""
+
+    def __init__(self, device, size: int):
+        self.device, self.size = torch.device(device), size
+
+    def _decode_all(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:  # one bad file fails the whole batched call: retry one by one
+            out = []
+            for data in jpegs:
+                try:
+                    out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    def decode(self, batch: dict) -> dict:
+        batch = dict(batch)
+        rows, boxes = batch.pop("jpeg_rows"), batch.pop("jpeg_boxes")
+        jpegs = list(batch.pop("jpeg").split(batch.pop("jpeg_sizes").tolist()))
+        done, image_rows = batch.pop("image"), batch.pop("image_rows")
+        views = torch.empty((len(rows) + len(image_rows), boxes.shape[1], 3, self.size, self.size),
+                            dtype=torch.uint8, device=self.device)
+        if len(image_rows):  # decoded by the worker (PNG, CMYK, ...)
+            views[image_rows.to(self.device)] = done.to(self.device, non_blocking=True)
+        failed = []
+        for row, data, box, img in zip(rows.tolist(), jpegs, boxes, self._decode_all(jpegs)):
+            try:
+                views[row] = crop_resize(img, box, self.size) if img is not None else \
+                    decode_views(data.numpy().tobytes(), box, self.size).to(self.device)
+            except Exception:  # refused by the device and by PIL: counted, replaced below
+                failed.append(row)
+        if failed:
+            good = sorted(set(range(len(views))) - set(failed))
+            if not good:
+                raise ValueError(f"none of the {len(views)} images of a batch could be decoded")
+            for i, row in enumerate(failed):
+                views[row] = views[good[i % len(good)]]
+            batch["corrupt"] = batch.get("corrupt", 0) + len(failed)
+        batch["image"] = views
+        return batch
