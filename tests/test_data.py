@@ -36,17 +36,20 @@ def keys_of(batches):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_equal_batch_counts_on_every_rank(tmp_path, workers):
     index = write_shards(tmp_path, n=53, shard_size=16)  # shards of 16, 16, 16, 5 samples
-    counts, all_keys = [], Counter()
+    counts, all_keys, per_rank = [], Counter(), []
     for rank in range(2):
         loader = ShardLoader(str(index), batch_size=4, rank=rank, world_size=2,
                              num_workers=workers, seed=3, views=CENTER16, shuffle_buffer=8)
         batches = list(loader.epoch(0))
         counts.append(len(batches))
+        per_rank.append({k for b in batches for k in b["key"]})
         for b in batches:
             assert b["image"].shape == (4, 1, 3, 16, 16) and b["image"].dtype == torch.uint8
             all_keys.update(b["key"])
     assert counts == [53 // 8, 53 // 8]
     assert sum(all_keys.values()) == 48
+    # no image on both ranks (a rank short of samples starts over on its own shards instead)
+    assert not per_rank[0] & per_rank[1]
 
 
 def test_epochs_reshuffle_and_seed_reproduces(tmp_path):
@@ -125,3 +128,32 @@ def test_bad_specs_are_one_line_errors(tmp_path):
     index = write_shards(tmp_path / "s", n=8, shard_size=8)
     with pytest.raises(DataError, match="less than one global batch"):
         ShardLoader(str(index), batch_size=8, world_size=2, views=CENTER16)
+
+
+@pytest.mark.parametrize("workers,decode", [(0, "cpu"), (2, "cpu"), (2, "device")])
+def test_resume_with_random_crops_of_jpegs_redraws_the_same_views(tmp_path, workers, decode):
+    """Random crop boxes come from each sample's place in the stream, so a resumed epoch cuts
+    the same views from the same images, on either decode path."""
+    from test_decode import imagenet_like, write_tar
+
+    for s in range(3):
+        members = {}
+        for i in range(12):
+            members[f"s{s}i{i}.jpg"] = imagenet_like.jpeg_bytes(40 + 7 * i, 70 - 3 * i, seed=12 * s + i)
+            members[f"s{s}i{i}.cls"] = str(i % 3).encode()
+        write_tar(tmp_path / f"t-{s:06d}.tar", members)
+    loader = ShardLoader(str(tmp_path / "t-{000000..000002}.tar"), batch_size=4, num_workers=workers,
+                         seed=7, views=[ViewSpec(16, (0.08, 1.0))] * 2, decode=decode,
+                         shuffle_buffer=5, samples_per_epoch=36)
+    cpu = torch.device("cpu")
+    full, positions, start = [], {}, 4
+    for i, batch in enumerate(loader.epoch(1)):
+        full.append(loader.to_device(batch, cpu))
+        if i < start:
+            positions[batch["role"]] = batch["drawn"]
+    resumed = [loader.to_device(b, cpu) for b in loader.epoch(1, start_batch=start, positions=positions)]
+    assert len(full) == 9 and keys_of(resumed) == keys_of(full[start:])
+    for a, b in zip(resumed, full[start:]):
+        assert torch.equal(a["image"], b["image"])
+    again = [loader.to_device(b, cpu) for b in loader.epoch(2)]
+    assert not torch.equal(again[0]["image"], full[0]["image"])  # another epoch, other crops

@@ -155,3 +155,46 @@ def test_a_data_set_where_nothing_decodes_is_an_error_not_a_hang(tmp_path, worke
                          views=[ViewSpec(16)] * 2, samples_per_epoch=10)
     with pytest.raises(DataError, match="could be decoded"):
         list(loader.epoch(0))
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_a_resnet_trains_exports_and_evaluates_on_realistic_jpeg_shards(tmp_path, decode):
+    """The README's path on ImageNet-shaped JPEGs (tiny): folder → selfsup-shards (original
+    bytes) → selfsup-train with the ImageNet data recipe → selfsup-eval k-NN on the export."""
+    from selfsup.shards import main as shards_main
+    from selfsup_eval.cli import main as eval_main
+    from tinyrun import train
+
+    imagenet_like.write_folder(tmp_path / "train", 40, classes=4, min_side=40, max_side=160)
+    imagenet_like.write_folder(tmp_path / "val", 16, classes=4, min_side=40, max_side=160, seed=1)
+    for split in ("train", "val"):
+        assert shards_main([str(tmp_path / split), str(tmp_path / "shards"), "--split", split]) == 0
+    index = json.loads((tmp_path / "shards" / "train.json").read_text())
+    assert index["image_format"] == "keep" and index["num_samples"] == 40
+    run = tmp_path / "run"
+    assert train("dcl.yaml", tmp_path / "shards" / "train.json", run, "augment.size=32",
+                 "train.batch_size=8", "train.max_steps=3", f"data.decode={decode}",
+                 "data.val=null") == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
+    rc = eval_main(["knn", str(run / "export" / "backbone.safetensors"), "--train",
+                    str(tmp_path / "shards" / "train.json"), "--val", str(tmp_path / "shards" / "val.json"),
+                    "--k", "5", "--no-cache", "--out", str(tmp_path / "eval")])
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())[0]
+    assert rc == 0 and result["train_samples"] == 40 and result["val_samples"] == 16
+
+
+def test_evaluation_decodes_big_jpegs_dct_scaled_close_to_the_full_decode():
+    from selfsup_eval.data import decode, resize_center_crop
+
+    data = imagenet_like.jpeg_bytes(1800, 1200, seed=4)
+    full = resize_center_crop(Image.open(io.BytesIO(data)).convert("RGB"), 224)
+    ref = torch.from_numpy(np.asarray(full).copy()).permute(2, 0, 1).float()
+    out = decode(data, 224, 3)
+    assert out.shape == (3, 224, 224) and out.dtype == torch.uint8
+    diff = (out.float() - ref).abs()
+    assert 0 < diff.mean() < 1.5  # decoded at 1/4 scale (1200 // 4 = 300 >= 224), not whole
+    assert decode(data, 224, 1).shape == (1, 224, 224)
+    small = imagenet_like.jpeg_bytes(224, 224, seed=5)  # already at the size: untouched
+    assert torch.equal(decode(small, 224, 3),
+                       torch.from_numpy(np.asarray(Image.open(io.BytesIO(small)).convert("RGB")).copy()).permute(2, 0, 1))
