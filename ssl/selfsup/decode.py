@@ -60,11 +60,12 @@ def decode_views(data: bytes | Image.Image, boxes: torch.Tensor, size: int) -> t
             drafted = img.draft(None, (img.size[0] // r, img.size[1] // r)) if r > 1 else None
             if drafted is not None:
                 scale = drafted[1][2] / width  # 1 / the reduction libjpeg will apply
-        rgb = img.convert("RGB")  # decodes; raises on truncated or corrupt data
-    out = np.empty((len(boxes), 3, size, size), dtype=np.uint8)
-    for v, (top, left, h, w) in enumerate((boxes * scale).tolist()):
-        view = rgb.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
-        out[v] = np.asarray(view).transpose(2, 0, 1)  # numpy: no torch thread pool per image
+        img.load()  # decodes; raises on truncated or corrupt data
+        rgb = img if img.mode == "RGB" else img.convert("RGB")  # convert("RGB") would copy
+        out = np.empty((len(boxes), 3, size, size), dtype=np.uint8)
+        for v, (top, left, h, w) in enumerate((boxes * scale).tolist()):
+            view = rgb.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+            out[v] = np.asarray(view).transpose(2, 0, 1)  # numpy: no torch thread pool per image
     return torch.from_numpy(out)
 
 
