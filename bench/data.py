@@ -62,7 +62,7 @@ from webdataset.tariterators import tarfile_samples
 from selfsup.augment import BatchAugment
 from selfsup.data import ShardLoader
 from selfsup.decode import crop_resize
-from selfsup.shards import main as shards_main
+from selfsup.shard_writer import main as shards_main
 from selfsup.shards import resolve_shards
 from selfsup.views import ViewSpec
 from selfsup_io import IMAGE_EXTS, BadLabel, label_member, member

@@ -79,7 +79,7 @@ def synthetic(root: Path):
     """Fashion-MNIST-like: 28 px grayscale, 10 classes of noisy shapes; random resnet10t export."""
     import timm
     from safetensors.torch import save_file
-    from selfsup.shards import main as shards_main
+    from selfsup.shard_writer import main as shards_main
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:28, :28]

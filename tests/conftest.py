@@ -31,7 +31,7 @@ def make_images(n: int, size: int = 16, classes: int = 4, seed: int = 0, channel
 def write_shards(out: Path, n: int = 64, split: str = "train", shard_size: int = 16,
                  size: int = 16, classes: int = 4, seed: int = 0) -> Path:
     """Shards written by selfsup-shards itself; returns the index json path."""
-    from selfsup.shards import main as shards_main
+    from selfsup.shard_writer import main as shards_main
 
     images, labels = make_images(n, size, classes, seed)
     npz = out / f"{split}-src.npz"

@@ -79,7 +79,7 @@ def test_resume_mid_epoch_gives_the_same_batches(tmp_path, workers, start):
 
 
 def test_labels_and_grayscale_become_three_channels(tmp_path):
-    from selfsup.shards import main as shards_main
+    from selfsup.shard_writer import main as shards_main
 
     images = np.stack([np.full((10, 12), 40 * i, np.uint8) for i in range(5)])  # N,H,W gray
     np.savez(tmp_path / "g.npz", images=images, labels=np.arange(5))

@@ -161,7 +161,7 @@ def test_a_data_set_where_nothing_decodes_is_an_error_not_a_hang(tmp_path, worke
 def test_a_resnet_trains_exports_and_evaluates_on_realistic_jpeg_shards(tmp_path, decode):
     """The README's path on ImageNet-shaped JPEGs (tiny): folder → selfsup-shards (original
     bytes) → selfsup-train with the ImageNet data recipe → selfsup-eval k-NN on the export."""
-    from selfsup.shards import main as shards_main
+    from selfsup.shard_writer import main as shards_main
     from selfsup_eval.cli import main as eval_main
     from tinyrun import train
 

@@ -169,7 +169,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, data, capsys):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     nolabel = tmp_path / "nolabel.npz"
     np.savez(nolabel, images=np.zeros((4, 8, 8), np.uint8))
-    from selfsup.shards import main as shards_main
+    from selfsup.shard_writer import main as shards_main
 
     shards_main([str(nolabel), str(tmp_path / "nl"), "--split", "train"])
     other = write_shards(tmp_path / "o", n=10, split="val", classes=2)

@@ -65,8 +65,8 @@ def images(n: int, size: int = 16, classes: int = 3, seed: int = 0, gray: bool =
 
 def write_split(out: Path, split: str, n: int, shard_size: int = 16, size: int = 16, classes: int = 3,
                 seed: int = 0, labels: bool = True, gray: bool = False) -> Path:
-    """Shards + index written by the project's ``selfsup-shards`` (selfsup.shards.main)."""
-    from selfsup.shards import main as shards_main
+    """Shards + index written by the project's ``selfsup-shards`` (selfsup.shard_writer.main)."""
+    from selfsup.shard_writer import main as shards_main
 
     out.mkdir(parents=True, exist_ok=True)
     imgs, ys = images(n, size, classes, seed, gray)

@@ -17,7 +17,8 @@ import webdataset as wds
 from PIL import Image, ImageFile
 
 from conftest import child_env, make_images
-from selfsup.shards import ShardSet, ShardSpecError, main, resolve_shards
+from selfsup.shard_writer import main
+from selfsup.shards import ShardSet, ShardSpecError, resolve_shards
 
 
 def read_tars(urls):
@@ -341,7 +342,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, args, mes
 
 def test_cli_error_as_a_process(tmp_path):
     """The console script's view: exit status 2, one stderr line, no traceback."""
-    r = subprocess.run([sys.executable, "-m", "selfsup.shards", str(tmp_path / "nope"), str(tmp_path / "o"),
+    r = subprocess.run([sys.executable, "-m", "selfsup.shard_writer", str(tmp_path / "nope"), str(tmp_path / "o"),
                         "--split", "train"], capture_output=True, text=True, env=child_env())
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"selfsup-shards: error: SOURCE {tmp_path / 'nope'} does not exist"]
