@@ -39,6 +39,7 @@ from train_step import timed, trainer_step  # noqa: E402
 
 from selfsup.config import load_recipe  # noqa: E402
 from selfsup.trainer import build_model, make_accelerator  # noqa: E402
+from selfsup.views import view_size  # noqa: E402
 
 # name: (recipe, overrides, images per step); batch sizes are the recipes' per-GPU ones
 CASES = {
@@ -65,7 +66,9 @@ def make_step(recipe: str, overrides: list[str], batch: int, channels_last: bool
     opt = create_optimizer_v2(objective, opt=cfg.optim.name, lr=1e-4, weight_decay=cfg.optim.weight_decay)
     model, opt = acc.prepare(objective, opt)
     size = cfg.augment.size
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=acc.device)
+    views = objective.views()  # what the loader would deliver: (B, V, 3, S, S) uint8 crops
+    shape = (batch, len(views), 3, view_size(views), view_size(views))
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, device=acc.device)
     gen = torch.Generator().manual_seed(0)
     step = trainer_step(acc, opt, objective, lambda: model({"image": images, "epoch": 1.0}, gen)[0],
                         momentum=objective.momentum(0.5))
