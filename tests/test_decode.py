@@ -146,6 +146,9 @@ def test_device_decoder_replaces_and_counts_what_nobody_decodes():
     out = DeviceDecoder("cpu", 16).decode(batch)
     assert out["corrupt"] == 2 and out["image"].shape == (3, 1, 3, 16, 16)
     assert torch.equal(out["image"][1], out["image"][0])  # the bad one took a good sample's views
+    with pytest.raises(ValueError, match="none of the 3 images"):
+        DeviceDecoder("cpu", 16).decode({**batch, "jpeg": torch.zeros(48, dtype=torch.uint8),
+                                         "jpeg_sizes": torch.tensor([16, 16, 16])})
 
 
 @pytest.mark.parametrize("workers", [0, 1])

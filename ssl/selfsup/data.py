@@ -269,6 +269,9 @@ class ShardLoader:
         if "jpeg" in batch:
             if device not in self._decoders:
                 self._decoders[device] = DeviceDecoder(device, view_size(self.views))
-            batch = self._decoders[device].decode(batch)
+            try:
+                batch = self._decoders[device].decode(batch)
+            except ValueError as e:  # a whole batch of JPEGs nothing can decode
+                raise DataError(f"{self.shards.spec}: {e}; check data.train") from None
         return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
                 for k, v in batch.items()}
