@@ -1,4 +1,4 @@
-"""The Hallucinator (methods.md §5, §7): extrapolation, generator training, doubled batch, the
+"""The Hallucinator (docs/methods.md §5, §7): extrapolation, generator training, doubled batch, the
 masked SimCLR variant against an explicit loop, keys enqueued once, recipes end to end."""
 
 import pytest

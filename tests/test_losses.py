@@ -11,7 +11,7 @@ from selfsup.objectives.simclr import contrastive_loss
 
 
 def reference(z0, z1, loss, tau, sigma=0.5):
-    """Per-anchor loop: mean over the 2N anchors of both directions (methods.md §1)."""
+    """Per-anchor loop: mean over the 2N anchors of both directions (docs/methods.md §1)."""
     z0, z1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
     n = z0.shape[0]
     pos = [float((z0[i] * z1[i]).sum()) for i in range(n)]
@@ -79,7 +79,7 @@ def test_infonce_equals_lightly_ntxent_and_dcl_identity():
     z0, z1 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
     info = contrastive_loss(z0, z1, loss="infonce", temperature=0.1)
     assert info.item() == pytest.approx(NTXentLoss(temperature=0.1)(z0, z1).item(), rel=1e-6)
-    # DCL drops the positive from the denominator, so it is lower than InfoNCE (methods.md §7)
+    # DCL drops the positive from the denominator, so it is lower than InfoNCE (docs/methods.md §7)
     assert contrastive_loss(z0, z1, loss="dcl", temperature=0.1).item() < info.item()
     # sigma → ∞ makes every DCLW weight 1, i.e. DCLW → DCL
     dclw = contrastive_loss(z0, z1, loss="dclw", temperature=0.1, sigma=1e9)

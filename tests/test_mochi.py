@@ -1,4 +1,4 @@
-"""MoCHi hard negative mixing and the shared similarity-level loss (methods.md §2, §7)."""
+"""MoCHi hard negative mixing and the shared similarity-level loss (docs/methods.md §2, §7)."""
 
 import json
 import math

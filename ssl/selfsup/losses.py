@@ -11,7 +11,7 @@ objectives that support them build per-anchor similarities and call
   negative of that anchor (itself, its positive, another view of the same image);
 * ``extra`` (M, E)  per-anchor extra negatives (MoCHi's synthetic points), or None.
 
-InfoNCE keeps the positive in the denominator, DCL/DCLW drop it (methods.md §1), DCLW weights the
+InfoNCE keeps the positive in the denominator, DCL/DCLW drop it (docs/methods.md §1), DCLW weights the
 positive term by ``2 − M·softmax(pos/σ)`` (detached, as lightly). The weight is invariant to
 listing every pair twice (SimCLR's two directions), so it equals lightly's N-pair weight. The
 loss is the mean over the M anchors, as lightly's losses are.

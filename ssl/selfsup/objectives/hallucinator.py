@@ -1,6 +1,6 @@
 """The Hallucinator (Wu, Hobbs, Hovakimyan, ICCV 2023): extra positives made in projection space,
 as a piece any contrastive objective switches on from its recipe (``objective.hallucinator.*``;
-methods.md §5).
+docs/methods.md §5).
 
 For a query projection q and its positive key k (the other view of the same image):
 
@@ -15,7 +15,7 @@ raw projections (MoCo: raw q, normalised k; SimCLR: both raw, k not detached); t
 afterwards. λ comes from the ``generator`` the trainer passes to ``forward`` (checkpointed), so it
 is drawn per process per step; with ``λmax = 0`` (or λ = 0) ĥ = q exactly.
 
-Variant followed (the official code's quirks, methods.md §5.2, and why we depart from them):
+Variant followed (the official code's quirks, docs/methods.md §5.2, and why we depart from them):
 
 * **MoCo: keys are enqueued once, not twice.** The official code enqueues the duplicated 2B keys,
   which only repeats every negative and forces K to be divisible by 2·B (its own configs violate
@@ -25,7 +25,7 @@ Variant followed (the official code's quirks, methods.md §5.2, and why we depar
   ``[k; k]`` makes q_i see h_i and the copy of k_i as *negatives* (and each k_i its own duplicate,
   a constant exp(1/τ) in its denominator). We give every row the image's instance id and drop all
   entries of the same image from the negatives (``selfsup.losses.pair_similarities``), keeping
-  only the designated positive; this is the "cleaner spec" of methods.md §5.5.4.
+  only the designated positive; this is the "cleaner spec" of docs/methods.md §5.5.4.
 """
 
 from __future__ import annotations

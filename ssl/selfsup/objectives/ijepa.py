@@ -1,5 +1,5 @@
 """I-JEPA (Assran et al. 2023): predict the target encoder's representations of masked image
-blocks from a context block, in latent space (../shared/methods.md §3).
+blocks from a context block, in latent space (docs/methods.md §3).
 
 Pieces, following the official code (``facebookresearch/ijepa``):
 

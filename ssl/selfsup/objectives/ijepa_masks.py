@@ -1,4 +1,4 @@
-"""I-JEPA's multi-block masks, drawn from explicit generators (../shared/methods.md §3.3).
+"""I-JEPA's multi-block masks, drawn from explicit generators (docs/methods.md §3.3).
 
 The official collator (``facebookresearch/ijepa`` ``src/masks/multiblock.py``, ported to lightly
 as ``IJEPAMaskCollator``) seeds the *block sizes* from a step counter shared by the processes but

@@ -1,6 +1,6 @@
 """Jigsaw Clustering (Chen, Liu, Jia, CVPR 2021): one forward pass per step over montages of patches
 from different images; the network learns which image (clustering) and which quadrant (location)
-every patch came from (../shared/methods.md §4).
+every patch came from (docs/methods.md §4).
 
 Following the official code (``dvlab-research/JigsawClustering``):
 

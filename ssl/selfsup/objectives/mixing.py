@@ -1,5 +1,5 @@
 """MoCHi: hard negative mixing (Kalantidis et al., NeurIPS 2020), as a piece any contrastive
-objective switches on from its recipe (``objective.mochi.*``; methods.md §2).
+objective switches on from its recipe (``objective.mochi.*``; docs/methods.md §2).
 
 For every anchor q (L2-normalised) and the pool of its negatives (MoCo's queue, or SimCLR's
 gathered batch with the anchor's own image masked out):
@@ -15,7 +15,7 @@ The synthetic points are built under ``no_grad`` from detached tensors: gradient
 only through the q factor of q·h, never through the pool or the mixed points (davidsvy's
 reference detaches q inside h′ the same way). They are returned to the objective and never stored,
 so nothing synthetic can reach a queue. Indices are gathered per anchor (``gather(hard, 1, j)``),
-avoiding the reshape bug that mixes only the first query's negatives (methods.md §2.5.2).
+avoiding the reshape bug that mixes only the first query's negatives (docs/methods.md §2.5.2).
 
 All random draws come from the ``generator`` the trainer passes to ``forward``: it is
 checkpointed, so a resumed run mixes exactly as the uninterrupted one. Mixing starts once the

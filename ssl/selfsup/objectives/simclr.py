@@ -5,7 +5,7 @@ every process through an autograd-aware all-gather, so that 8 GPUs × 64 images 
 one 512-image batch and receive the gradient of the global loss (the DDP-averaged gradient equals
 the single-process gradient of the same global batch; tested in ``tests/test_distributed.py``).
 
-Conventions (see ../shared/methods.md §1): embeddings are L2-normalised inside the loss; the two
+Conventions (see docs/methods.md §1): embeddings are L2-normalised inside the loss; the two
 directions are averaged (lightly), not summed (raminnakhli's reference, which doubles the
 effective lr); DCLW's weights are detached and use the *local* batch size N when gathering.
 
@@ -14,7 +14,7 @@ negatives and same-instance masks, which lightly's losses cannot take; when eith
 loss is computed by :func:`selfsup.losses.contrastive_logits_loss` over
 :func:`selfsup.losses.pair_similarities` (equal to lightly's without extras, tested). MoCHi's pool
 is then the in-batch negatives of every process, 2·B_global − 2 per anchor, so ``mochi.n`` must not
-exceed that (methods.md §2.5.1). With both off the lightly path below runs unchanged.
+exceed that (docs/methods.md §2.5.1). With both off the lightly path below runs unchanged.
 """
 
 from __future__ import annotations
