@@ -103,12 +103,12 @@ class DeviceDecoder:
 
         try:
             return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device))
-        except RuntimeError:  # one bad file fails the whole batched call: retry one by one
+        except Exception:  # one bad file fails the whole batched call: retry one by one
             out = []
             for data in jpegs:
                 try:
                     out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError:
+                except Exception:  # nvJPEG's and libjpeg's errors are not all RuntimeError
                     out.append(None)
             return out
 
