@@ -199,6 +199,16 @@ class ShardStream(IterableDataset):
             yield {**batch, **_collate(out, p.views)}
 
 
+def _one_line_errors(loader: DataLoader):
+    """The loader's batches; a DataError raised in a worker arrives wrapped in the worker's
+    traceback (torch's ExceptionWrapper), so it is re-raised with the original one-line message."""
+    try:
+        yield from loader
+    except DataError as e:
+        last = str(e).strip().splitlines()[-1]
+        raise DataError(last.split(": ", 1)[1] if last.startswith("selfsup.data.DataError: ") else last) from None
+
+
 def _collate(samples: list[dict], views: list[ViewSpec]) -> dict:
     """The batch's decoded views as ``image`` (B, V, 3, S, S); in device mode only those the
     worker decoded itself (``image_rows`` say which), plus the JPEGs left for the device, joined
@@ -258,9 +268,9 @@ class ShardLoader:
         stream = ShardStream(plan)
         if self.num_workers == 0:
             return iter(stream)
-        return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                               persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                               prefetch_factor=4))
+        return _one_line_errors(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                           persistent_workers=False,
+                                           pin_memory=torch.cuda.is_available(), prefetch_factor=4))
 
     def to_device(self, batch: dict, device) -> dict:
         """The batch on ``device`` with ``image`` (B, V, 3, S, S) uint8 complete: in device mode
