@@ -157,3 +157,20 @@ def test_resume_with_random_crops_of_jpegs_redraws_the_same_views(tmp_path, work
         assert torch.equal(a["image"], b["image"])
     again = [loader.to_device(b, cpu) for b in loader.epoch(2)]
     assert not torch.equal(again[0]["image"], full[0]["image"])  # another epoch, other crops
+
+
+def test_resume_after_the_stream_started_over_its_shards(tmp_path):
+    """64 samples per epoch from 24 images: the stream starts a second and third pass; a resume
+    past that point fast-forwards over a whole pass without decoding it, which is no evidence
+    that nothing decodes."""
+    index = write_shards(tmp_path, n=24, shard_size=12)
+    loader = ShardLoader(str(index), batch_size=4, num_workers=0, seed=2, views=CENTER16,
+                         shuffle_buffer=4, samples_per_epoch=64)
+    full, positions, start = [], {}, 10
+    for i, batch in enumerate(loader.epoch(0)):
+        full.append(batch)
+        if i < start:
+            positions[batch["role"]] = batch["drawn"]
+    assert positions[0] == 40 > 24
+    resumed = list(loader.epoch(0, start_batch=start, positions=positions))
+    assert keys_of(resumed) == keys_of(full[start:])

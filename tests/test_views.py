@@ -65,10 +65,13 @@ def test_fallback_is_the_ratio_clamped_centre_crop():
 
 def test_jigclu_quadrants_follow_the_official_geometry():
     cross = 0.3
-    # JigCluTransform on a PIL image (size = (W, H)): crops given as (left, upper, right, lower)
-    cw, ch = int(cross * W), int(cross * H)
+    # JigCluTransform on a PIL image (size = (W, H)): float boxes (left, upper, right, lower),
+    # which PIL's crop rounds to whole pixels
+    cw, ch = cross * W, cross * H
     official = [(0, 0, W // 2 + cw, H // 2 + ch), (0, H // 2 - ch, W // 2 + cw, H),
                 (W // 2 - cw, 0, W, H // 2 + ch), (W // 2 - cw, H // 2 - ch, W, H)]
+    official = [tuple(round(c) for c in box) for box in official]
+    assert official[0] == (0, 0, 400, 300)  # 250 + 150, 187 + 112.5 → 299.5 → 300 (PIL's round)
     views = [ViewSpec(112, (0.2, 1.0), quadrant=q, cross=cross) for q in range(4)]
     for view, (left, upper, right, lower) in zip(views, official):
         assert region(view, H, W) == (upper, left, lower - upper, right - left)

@@ -97,7 +97,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 def decode(data: bytes, size: int | None, channels: int) -> torch.Tensor:
     """Image bytes → uint8 (channels, size, size) (native size when ``size`` is None)."""
     with Image.open(io.BytesIO(data)) as img:
-        if size is not None and img.format == "JPEG":
+        if size is not None and img.format in ("JPEG", "MPO"):  # MPO: cameras' multi-picture JPEG
             r = next(r for r in (8, 4, 2, 1) if min(img.size) // r >= size or r == 1)
             if r > 1:
                 img.draft(None, (img.size[0] // r, img.size[1] // r))

@@ -180,6 +180,9 @@ class ShardStream(IterableDataset):
         for _ in range(skip):  # fast-forward past samples used before the checkpoint
             next(shuffled)
             drawn += 1
+            # not decoded now, but they were before the checkpoint: a pass that starts among
+            # them is no evidence that nothing decodes
+            self.stats["decoded_in_pass"] += 1
         for _ in range(self._num_batches(role)):
             out, labels, keys = [], [], []
             while len(out) < p.batch_size:

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 JPEG_DEVICE_MODES = ("RGB", "L")  # what nvJPEG decodes to RGB; CMYK/YCCK stay on the CPU
+JPEG_FORMATS = ("JPEG", "MPO")  # MPO: the multi-picture JPEG of many cameras (first picture)
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -55,7 +56,7 @@ def decode_views(data: bytes | Image.Image, boxes: torch.Tensor, size: int) -> t
     with img:
         width = img.size[0]
         scale = 1.0
-        if img.format == "JPEG":
+        if img.format in JPEG_FORMATS:
             r = dct_reduction(boxes, size)
             drafted = img.draft(None, (img.size[0] // r, img.size[1] // r)) if r > 1 else None
             if drafted is not None:
@@ -70,23 +71,34 @@ def decode_views(data: bytes | Image.Image, boxes: torch.Tensor, size: int) -> t
 
 
 def device_decodable(img: Image.Image, data: bytes) -> bool:
-    """Whether a sample goes to the device decoder: a baseline or progressive JPEG in RGB or
-    grayscale whose bytes end with the end-of-image marker (a cheap test that catches truncated
-    files, which nvJPEG may decode to grey without complaint)."""
+    """Whether a sample goes to the device decoder: a baseline JPEG in RGB or grayscale whose
+    bytes end with the end-of-image marker (a cheap test that catches truncated files, which
+    nvJPEG may decode to grey without complaint). Progressive JPEGs stay on the CPU path:
+    nvJPEG Huffman-decodes them on the host, one at a time, in the training process."""
     return img.format == "JPEG" and img.mode in JPEG_DEVICE_MODES and \
-        data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+        not img.info.get("progressive") and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
 
 
-def crop_resize(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+def crop_resize(image: torch.Tensor, boxes: torch.Tensor, size: int,
+                on_device: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (3, H, W) image on any device → uint8 (V, 3, size, size): each box (top, left, h, w)
     resized with ``roi_align`` (aligned pixel centres; one bilinear sample per output pixel when
-    enlarging, ceil(box/size)² averaged samples when shrinking)."""
+    enlarging, ceil(box/size)² averaged samples when shrinking). Only the part of the image the
+    boxes cover (plus a pixel of border) is converted to float. ``boxes`` live on the CPU (the
+    bounds are computed there: no device read); ``on_device`` is the same boxes already on the
+    image's device, when the caller has moved a whole batch of them at once."""
     from torchvision.ops import roi_align
 
-    top, left, h, w = boxes.to(torch.float32).unbind(1)
-    rois = torch.stack([torch.zeros_like(top), left, top, left + w, top + h], 1).to(image.device)
-    out = roi_align(image[None].float(), rois, (size, size), spatial_scale=1.0, sampling_ratio=-1,
-                    aligned=True)
+    top, left, h, w = boxes.unbind(1)
+    y0, x0 = max(int(top.min()) - 1, 0), max(int(left.min()) - 1, 0)
+    y1 = min(int((top + h).max()) + 2, image.shape[1])
+    x1 = min(int((left + w).max()) + 2, image.shape[2])
+    part = image[None, :, y0:y1, x0:x1].float()
+    if on_device is None:
+        on_device = boxes.to(image.device, torch.float32)
+    t, lf, bh, bw = on_device.float().unbind(1)
+    rois = torch.stack([torch.zeros_like(t), lf - x0, t - y0, lf - x0 + bw, t - y0 + bh], 1)
+    out = roi_align(part, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -101,13 +113,22 @@ class DeviceDecoder:
     def _decode_all(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor | None]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        if self.device.type == "cuda":
+            # torchvision's CUDA decoder writes its outputs from a private stream that does not
+            # wait for the current one, so memory the previous step freed while its kernels are
+            # still queued (zero_grad's gradients) could be overwritten: drain the stream first
+            torch.cuda.current_stream(self.device).synchronize()
         try:
             return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device))
+        except torch.cuda.OutOfMemoryError:
+            raise
         except Exception:  # one bad file fails the whole batched call: retry one by one
             out = []
             for data in jpegs:
                 try:
                     out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except torch.cuda.OutOfMemoryError:
+                    raise
                 except Exception:  # nvJPEG's and libjpeg's errors are not all RuntimeError
                     out.append(None)
             return out
@@ -119,13 +140,16 @@ class DeviceDecoder:
         done, image_rows = batch.pop("image"), batch.pop("image_rows")
         views = torch.empty((len(rows) + len(image_rows), boxes.shape[1], 3, self.size, self.size),
                             dtype=torch.uint8, device=self.device)
-        if len(image_rows):  # decoded by the worker (PNG, CMYK, ...)
-            views[image_rows.to(self.device)] = done.to(self.device, non_blocking=True)
+        if len(image_rows):  # decoded by the worker (PNG, CMYK, progressive, ...)
+            views[image_rows.to(self.device, non_blocking=True)] = done.to(self.device, non_blocking=True)
+        on_device = boxes.to(self.device, torch.float32, non_blocking=True)  # one copy per batch
         failed = []
-        for row, data, box, img in zip(rows.tolist(), jpegs, boxes, self._decode_all(jpegs)):
+        for i, (row, data, img) in enumerate(zip(rows.tolist(), jpegs, self._decode_all(jpegs))):
             try:
-                views[row] = crop_resize(img, box, self.size) if img is not None else \
-                    decode_views(data.numpy().tobytes(), box, self.size).to(self.device)
+                views[row] = crop_resize(img, boxes[i], self.size, on_device[i]) if img is not None else \
+                    decode_views(data.numpy().tobytes(), boxes[i], self.size).to(self.device)
+            except torch.cuda.OutOfMemoryError:
+                raise
             except Exception:  # refused by the device and by PIL: counted, replaced below
                 failed.append(row)
         if failed:

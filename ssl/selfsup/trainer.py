@@ -265,9 +265,8 @@ class Trainer:
             set_weight_decay(self.optimizer, cfg.optim.weight_decay, cfg.optim.weight_decay_end, progress)
             for micro in range(accum):
                 t = time.perf_counter()
-                batch = next(data)
-                window["wait"] += time.perf_counter() - t
-                batch = self.loader.to_device(batch, device)  # device mode: decodes JPEGs there
+                batch = self.loader.to_device(next(data), device)  # data.decode=device: decodes there
+                window["wait"] += time.perf_counter() - t  # waiting for data, device decoding included
                 window["corrupt"] += batch.pop("corrupt")
                 sync = micro == accum - 1
                 with nullcontext() if sync else acc.no_sync(self.model):

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
-QUADRANTS = ("top-left", "bottom-left", "top-right", "bottom-right")  # official JigClu order
+VIEW_STREAM = 0x5E1F  # distinguishes crop seeds from the loader's shuffle seeds of the same place
 
 
 @dataclass(frozen=True)
 class ViewSpec:
     """One view: a ``size``² crop with ``RandomResizedCrop(scale, ratio)`` box statistics over
-    the whole image, or over quadrant ``quadrant`` (0-3, :data:`QUADRANTS`) reaching ``cross``
+    the whole image, or over quadrant ``quadrant`` (0-3: top-left, bottom-left, top-right, bottom-right, the official order) reaching ``cross``
     of the side past the midline (JigClu); ``random=False``: the centre square instead."""
 
     size: int
@@ -54,17 +54,17 @@ def view_size(views: list[ViewSpec]) -> int:
 
 def region(view: ViewSpec, height: int, width: int) -> tuple[int, int, int, int]:
     """(top, left, h, w) of the part of a height x width image that ``view`` crops from: the
-    whole image, or one JigClu quadrant with the official integer geometry (``int(cross * side)``
-    past the midline ``side // 2``)."""
+    whole image, or one JigClu quadrant with the official geometry (``cross * side`` past the
+    midline ``side // 2``, a float rounded to whole pixels as PIL's ``crop`` rounds it)."""
     if view.quadrant is None:
         return 0, 0, height, width
-    ch, cw = int(view.cross * height), int(view.cross * width)
+    ch, cw = view.cross * height, view.cross * width
     bottom, right = view.quadrant in (1, 3), view.quadrant in (2, 3)
-    top = height // 2 - ch if bottom else 0
-    left = width // 2 - cw if right else 0
-    h = height - top if bottom else height // 2 + ch
-    w = width - left if right else width // 2 + cw
-    return top, left, h, w
+    top = round(height // 2 - ch) if bottom else 0
+    left = round(width // 2 - cw) if right else 0
+    lower = height if bottom else round(height // 2 + ch)
+    edge = width if right else round(width // 2 + cw)
+    return top, left, lower - top, edge - left
 
 
 def crop_box(rng: random.Random, height: int, width: int, scale=(0.08, 1.0),
@@ -109,4 +109,4 @@ def sample_rng(*place: int) -> random.Random:
     """The random source of one sample, seeded by its place in the stream (run seed, epoch,
     rank, worker role, index in that role's shuffled stream). Python's hash of a tuple of ints is
     the same in every process (hash randomisation only affects str/bytes)."""
-    return random.Random(hash(place))
+    return random.Random(hash((VIEW_STREAM, *place)))  # the tag keeps it apart from other seeds
