@@ -279,7 +279,10 @@ def test_jigclu_recipe_trains_locates_and_its_export_evaluates(tmp_path):
     first, last = log[:8], log[-8:]
     assert sum(r["loss_loc"] for r in last) < sum(r["loss_loc"] for r in first)
     assert sum(r["loss_clu"] for r in last) < sum(r["loss_clu"] for r in first)
-    assert sum(r["loc_acc"] for r in last) / 8 > 0.35  # chance is 0.25
+    # chance is 0.25 with a standard error of 0.019 over these 8 x 64 tiles: 0.32 is 3.7 sigma
+    # above it. (0.346 with the official quadrant geometry, whose 13-of-16-px quadrants overlap
+    # more than the truncated 12 px of before, which reached 0.35.)
+    assert sum(r["loc_acc"] for r in last) / 8 > 0.32
 
 
 @pytest.mark.parametrize("args,message", [

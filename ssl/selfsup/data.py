@@ -141,7 +141,8 @@ class ShardStream(IterableDataset):
 
         for rnd in range(1 << 30):
             if rnd:
-                random.Random(hash((p.seed, p.epoch, p.rank, role, rnd))).shuffle(mine)
+                # (the trailing tag keeps this seed apart from the crop seed of sample ``rnd``)
+                random.Random(hash((p.seed, p.epoch, p.rank, role, rnd, 1))).shuffle(mine)
             seen, stats["decoded_in_pass"] = 0, 0
             for sample in _shuffle(one_pass(), p.shuffle_buffer, rng):
                 seen += 1

@@ -27,8 +27,6 @@ from dataclasses import dataclass
 
 import torch
 
-VIEW_STREAM = 0x5E1F  # distinguishes crop seeds from the loader's shuffle seeds of the same place
-
 
 @dataclass(frozen=True)
 class ViewSpec:
@@ -109,4 +107,4 @@ def sample_rng(*place: int) -> random.Random:
     """The random source of one sample, seeded by its place in the stream (run seed, epoch,
     rank, worker role, index in that role's shuffled stream). Python's hash of a tuple of ints is
     the same in every process (hash randomisation only affects str/bytes)."""
-    return random.Random(hash((VIEW_STREAM, *place)))  # the tag keeps it apart from other seeds
+    return random.Random(hash(place))
