@@ -15,8 +15,8 @@ the same thing, uint8 views (V, 3, S, S) per sample, so what follows never knows
   ``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG on CUDA) and every view is cut with
   ``roi_align`` (bilinear samples averaged over each output pixel's footprint: antialiased when
   shrinking, plain bilinear when enlarging). Samples the device decoder should not get (PNG, WEBP,
-  CMYK, a JPEG without its end marker) are decoded by the worker on the CPU path; a JPEG the
-  device decoder still refuses is decoded on the host, and one nobody can decode takes another
+  CMYK, progressive JPEGs, a JPEG without its end marker) are decoded by the worker on the CPU
+  path; a JPEG the device decoder still refuses is decoded on the host, and one nobody can decode takes another
   sample's views and is counted as corrupt (the batch keeps its size: every rank must). With
   ``device="cpu"`` the same code runs on the CPU, which is how the tests cover it.
 """
