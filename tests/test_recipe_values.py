@@ -1,0 +1,46 @@
+"""Every recipe value is checked at start: one line naming the key, exit 2, nothing trained."""
+
+import pytest
+
+from conftest import ROOT
+from selfsup.cli import train_main
+from selfsup.config import RecipeError, load_recipe
+
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.batch_size=-4", "train.batch_size"),
+    ("train.grad_accum=0", "train.grad_accum"),
+    ("train.log_every=0", "train.log_every"),
+    ("train.max_steps=0", "train.max_steps"),  # used to run 200 epochs silently
+    ("train.epochs=0", "train.epochs"),
+    ("data.shuffle_buffer=0", "data.shuffle_buffer"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("data.max_corrupt_fraction=1.5", "data.max_corrupt_fraction"),
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.name=adamz", "optim.name"),
+    ("optim.lr_scaling=cubic", "optim.lr_scaling"),
+    ("augment.scale=[1.0,0.08]", "augment.scale"),
+    ("augment.scale=[0.5]", "augment.scale"),
+    ("augment.hflip_p=2", "augment.hflip_p"),
+    ("augment.std=[0.2,0.0,0.2]", "augment.std"),
+    ("checkpoint.every_steps=-1", "checkpoint.every_steps"),
+    ("monitor.k=0", "monitor.k"),
+    ("objective.proj_dim=0", "objective.proj_dim"),
+    ("objective.temperature=0", "objective.temperature"),
+    ("train.precision=fp8", "train.precision"),
+])
+def test_bad_values_are_one_line_naming_the_key(tmp_path, capsys, override, key):
+    with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+        load_recipe(TINY, [override])
+    rc = train_main([TINY, f"data.train={tmp_path / 'unused'}", f"run.dir={tmp_path / 'run'}", override])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("selfsup-train: error: bad recipe value: " + key)
+    assert "\n" not in err and not (tmp_path / "run").exists()
+
+
+def test_every_shipped_recipe_passes_the_checks():
+    for recipe in sorted((ROOT / "recipes").rglob("*.yaml")):
+        load_recipe(str(recipe))  # raises on a bad value
