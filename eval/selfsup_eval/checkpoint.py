@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import nn
 RAW = "raw-pixels"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model_name", "model_kwargs", "input_size", "mean", "std")
+MAX_INPUT_SIZE = 2048  # the largest square input an export may ask for (3 x 2048^2 fp32 = 50 MB)
 STEP_FILE = re.compile(r"backbone-step(\d+)\.safetensors")
 
 
@@ -105,16 +107,64 @@ def read_metadata(path: Path) -> dict:
         info = json.loads(meta["selfsup"])
     except ValueError:
         raise EvalError(f"{path}: its 'selfsup' metadata is not JSON") from None
+    if not isinstance(info, dict):
+        raise EvalError(f"{path}: its 'selfsup' metadata is not a JSON object (see docs/formats.md)")
     missing = [k for k in REQUIRED_KEYS if k not in info]
-    if not isinstance(info, dict) or missing:
-        raise EvalError(f"{path}: 'selfsup' metadata lacks {', '.join(missing) or 'keys'} "
+    if missing:
+        raise EvalError(f"{path}: 'selfsup' metadata lacks {', '.join(missing)} "
                         "(see docs/formats.md, exported backbone)")
-    if int(info.get("format", 1)) > FORMAT_VERSION:
-        raise EvalError(f"{path}: export format {info['format']} is newer than this selfsup-eval "
-                        f"reads ({FORMAT_VERSION}); upgrade selfsup")
-    if info.get("pool", "head") not in ("head", "mean_patch"):
-        raise EvalError(f"{path}: unknown pool {info['pool']!r} (expected 'head' or 'mean_patch')")
+    validate_metadata(info, str(path))
     return info
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_metadata(info: dict, where: str) -> None:
+    """Every value a loader acts on, checked for type and range BEFORE anything is built.
+
+    Why: the metadata decides what is allocated. ``input_size: 60000`` made the feature-size probe
+    allocate a 3 x 60000 x 60000 image (43 GB) and ``model_kwargs: 5`` ended in a TypeError
+    traceback; a damaged or hand-edited export must give one line instead (issue #16)."""
+    def bad(key, why):
+        raise EvalError(f"{where}: export metadata {key} {info.get(key)!r} {why} (docs/formats.md)")
+
+    fmt = info.get("format", 1)
+    if not _is_int(fmt) or fmt < 1:
+        bad("format", "is not a positive integer")
+    if fmt > FORMAT_VERSION:
+        raise EvalError(f"{where}: export format {fmt} is newer than this selfsup-eval reads "
+                        f"({FORMAT_VERSION}); upgrade selfsup")
+    if not isinstance(info["model_name"], str) or not info["model_name"].strip():
+        bad("model_name", "is not a timm model name")
+    kwargs = info["model_kwargs"]
+    if not isinstance(kwargs, dict):
+        bad("model_kwargs", "is not a JSON object of timm.create_model keyword arguments")
+    in_chans = kwargs.get("in_chans", 3)
+    if in_chans not in (1, 3) or not _is_int(in_chans):
+        raise EvalError(f"{where}: export metadata model_kwargs.in_chans {in_chans!r}: selfsup-eval "
+                        "feeds 1-channel (grayscale) or 3-channel (RGB) images")
+    size = info["input_size"]
+    if not _is_int(size) or not 1 <= size <= MAX_INPUT_SIZE:
+        bad("input_size", f"is not an integer side in 1..{MAX_INPUT_SIZE}")
+    for key in ("mean", "std"):
+        v = info[key]
+        if not isinstance(v, list) or len(v) not in (1, 3, in_chans) or not all(map(_is_number, v)):
+            bad(key, f"is not a list of 1 or {in_chans} finite numbers")
+        if key == "std" and min(v) <= 0:
+            bad(key, "has a value that is not positive")
+    if info.get("pool", "head") not in ("head", "mean_patch"):
+        raise EvalError(f"{where}: unknown pool {info['pool']!r} (expected 'head' or 'mean_patch')")
+    dim = info.get("feature_dim")
+    if dim is not None and (not _is_int(dim) or dim < 1):
+        bad("feature_dim", "is not a positive integer")
+    if not isinstance(info.get("small_stem", False), bool):
+        bad("small_stem", "is not true or false")
 
 
 def file_digest(path: Path) -> str:

@@ -31,15 +31,15 @@ from selfsup_eval.checkpoint import (RAW, EvalError, expand_checkpoints, load_ba
                                      resolve_raw, run_dir_of)
 from selfsup_eval.data import first_sample, image_info
 from selfsup_eval.features import cached_features, default_cache_dir, dist_info
-from selfsup_eval.knn import knn_classify, topk_accuracy
-from selfsup_eval.linear import linear_probe
+from selfsup_eval.probes import probe
 
 PROTOCOL = ("protocol: frozen backbone in eval mode | resize shorter side + centre-crop to the "
             "checkpoint's input_size, [0,1], its mean/std, its pooling; {precision} | k-NN: cosine "
             "on L2-normalised features, k nearest vote exp(s/T), T={temperature} | linear: cached "
             "features, no augmentation (the cached-feature protocol, not the papers' 90-epoch "
             "augmented probe), L-BFGS logistic regression on standardised features, weight decay "
-            "chosen on a seeded 10% hold-out of train, refit on all of train")
+            "chosen on a seeded 10% hold-out of train, refit on all of train | k-NN ⊕ linear: "
+            "lambda*p_kNN + (1-lambda)*p_linear, lambda, k, T chosen on the same hold-out (Jia et al. 2021)")
 
 
 DEFAULT_KS = (10, 20, 100, 200)
@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"k-NN sweep, one pass (default {' '.join(map(str, DEFAULT_KS))}, those "
                    "up to the train set size)")
     p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote weight exp(s/T)")
+    p.add_argument("--knn-loss", type=float, default=0.0, metavar="COEFF",
+                   help="train the linear probe with the k-NN easy/hard weighting of Jia et al. 2021 "
+                   "(loss x (1 + COEFF x -log p_kNN(y)); their scripts use 0.01; default 0: off)")
+    p.add_argument("--shots", type=int, nargs="+", default=None, metavar="N",
+                   help="low-shot: N labelled train images per class (e.g. 1 10 100)")
+    p.add_argument("--fraction", type=float, nargs="+", default=None, metavar="F",
+                   help="low-shot: a class-stratified share F of the train split (e.g. 0.01 0.1)")
+    p.add_argument("--subsets", type=int, default=5, metavar="N",
+                   help="random subsets per low-shot protocol, seeded from the labels (default 5)")
     p.add_argument("--baseline", action="append", default=[], metavar="CHECKPOINT",
                    help="reference evaluated by k-NN only and listed first (e.g. raw-pixels); repeatable")
     p.add_argument("--raw-size", type=int, default=None, metavar="N",
@@ -82,6 +91,14 @@ def parse(argv):
         p.error("--temperature must be positive")
     if args.batch_size < 1 or (args.raw_size is not None and args.raw_size < 1):
         p.error("--batch-size and --raw-size must be positive")
+    if args.shots and min(args.shots) < 1:
+        p.error("--shots values must be at least 1")
+    if args.fraction and not all(0 < f <= 1 for f in args.fraction):
+        p.error("--fraction values must be in (0, 1]")
+    if args.subsets < 1:
+        p.error("--subsets must be at least 1")
+    if not args.knn_loss >= 0:
+        p.error("--knn-loss must be 0 (off) or positive")
     return args
 
 
@@ -90,8 +107,8 @@ def one_line(e: BaseException) -> str:
 
 
 def resolve(spec: str, what: str):
-    """Shards via the one allowed import from the trainer package: selfsup.shards."""
-    from selfsup.shards import ShardSpecError, resolve_shards
+    """Shards through the shared low-level package (selfsup_io), never the trainer's."""
+    from selfsup_io.shards import ShardSpecError, resolve_shards
 
     try:
         return resolve_shards(spec, ("train",) if what == "train" else ("val", "test"))
@@ -108,16 +125,24 @@ def check_labelled(shards, what: str) -> None:
 
 
 def check_class_sets(train, val, ftrain: dict | None = None, fval: dict | None = None) -> None:
-    """Index class names when both shard sets have them, else the labels actually seen."""
+    """Index class names when both shard sets have them; then, once extracted, the labels actually
+    seen: a val class that no train sample has cannot be predicted by any probe (the same class
+    names with disjoint samples scored 0.00 % with exit 0, issue #16)."""
+    names = None
     if train.class_names is not None and val.class_names is not None:
         if list(train.class_names) != list(val.class_names):
             raise EvalError(f"train and val shards have different class sets ({len(train.class_names)} vs "
                             f"{len(val.class_names)} classes in their index class_names): write both "
                             "splits from the same source")
-    elif ftrain is not None and fval is not None:
+        names = list(train.class_names)
+    if ftrain is not None and fval is not None:
         unseen = sorted(set(fval["label"].tolist()) - set(ftrain["label"].tolist()))
         if unseen:
-            raise EvalError(f"mismatched class sets: val has label(s) {unseen[:5]} that no train sample has")
+            n = int(torch.isin(fval["label"], torch.tensor(unseen)).sum())
+            shown = [repr(names[u]) if names and u < len(names) else str(u) for u in unseen[:5]]
+            raise EvalError(f"mismatched class sets: {n} of {len(fval['label'])} val samples have label(s) "
+                            f"{', '.join(shown)}{' ...' if len(unseen) > 5 else ''} that no train sample has: "
+                            "no probe can predict them (evaluate on splits that share their classes)")
 
 
 def check_k(args, n_train: int) -> None:
@@ -157,8 +182,10 @@ def evaluate(args) -> list[dict]:
         bb = load_backbone(path, args.raw_size)
         if bb.is_raw:
             prepare_raw(bb, train)
-        ftrain = cached_features(bb, train.urls, cache, desc=f"{bb.name} train", total=train.num_samples, **kw)
-        fval = cached_features(bb, val.urls, cache, desc=f"{bb.name} val", total=val.num_samples, **kw)
+        ftrain = cached_features(bb, train.urls, cache, desc=f"{bb.name} train", total=train.num_samples,
+                                 expected=train.shard_sizes, **kw)
+        fval = cached_features(bb, val.urls, cache, desc=f"{bb.name} val", total=val.num_samples,
+                               expected=val.shard_sizes, **kw)
         bb.model = None  # free the weights before the next checkpoint
         n_train, n_val = len(ftrain["label"]), len(fval["label"])
         if n_train == 0 or n_val == 0:
@@ -174,20 +201,6 @@ def evaluate(args) -> list[dict]:
             probe(args, record, ftrain, fval, baseline)
         records.append(record)
     return records
-
-
-def probe(args, record: dict, ftrain: dict, fval: dict, baseline: bool) -> None:
-    """k-NN and/or linear on rank 0's gathered features (on ``--device``)."""
-    dev = args.device
-    if args.mode in ("knn", "all") or baseline:
-        ranked = knn_classify(ftrain["features"].to(dev), ftrain["label"], fval["features"].to(dev),
-                              ks=args.k, temperature=args.temperature)
-        record["knn"] = {f"k={k}": topk_accuracy(r, fval["label"], 1) for k, r in ranked.items()}
-        record["knn_top5"] = {f"k={k}": topk_accuracy(r, fval["label"], 5) for k, r in ranked.items()}
-        record["knn_temperature"] = args.temperature
-    if args.mode in ("linear", "all") and not baseline:
-        record["linear"] = linear_probe(ftrain["features"], ftrain["label"], fval["features"],
-                                        fval["label"], device=dev)
 
 
 def _init_distributed(args) -> bool:
@@ -217,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             precision = "bf16 autocast (GPU)" if args.device.startswith("cuda") else "fp32 (CPU)"
             print(PROTOCOL.format(precision=precision, temperature=args.temperature))
             print(report.table(records))
+            low = report.lowshot_table(records)
+            if low:
+                print(f"low-shot: mean ± std over {args.subsets} subset(s) seeded from the train labels")
+                print(low)
             for r in records:
                 if r["corrupt_samples"]:
                     print(f"note: {r['name']}: skipped {r['corrupt_samples']} corrupt sample(s), e.g. "

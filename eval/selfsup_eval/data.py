@@ -60,6 +60,9 @@ class Problems:
     unlabelled: int = 0  # samples without .cls
     unlabelled_keys: list[str] = field(default_factory=list)
     broken_shards: list[str] = field(default_factory=list)  # "url (after N samples): reason"
+    # samples read per shard index, for shards read to their end: compared with the index's
+    # counts, because a tar cut at a member boundary reads short without any error (issue #16)
+    shard_counts: dict[int, int] = field(default_factory=dict)
 
     def add_corrupt(self, key: str) -> None:
         self.corrupt += 1
@@ -77,6 +80,8 @@ class Problems:
         self.unlabelled += other.unlabelled
         self.unlabelled_keys = (self.unlabelled_keys + other.unlabelled_keys)[:5]
         self.broken_shards += other.broken_shards
+        for si, n in other.shard_counts.items():  # a shared shard is read whole by every process
+            self.shard_counts[si] = max(n, self.shard_counts.get(si, 0))
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -169,6 +174,8 @@ def iter_samples(urls: list[str], rank: int = 0, world: int = 1,
                 if shared and pos % world != rank:
                     continue
                 yield _to_sample(raw, (si, pos))
+            if problems is not None:
+                problems.shard_counts[si] = pos + 1
         except Exception as e:
             if problems is None:
                 raise

@@ -33,10 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from selfsup_eval.checkpoint import Backbone, EvalError
 from selfsup_eval.data import Problems, iter_samples, safe_decode
+from selfsup_io.progress import Progress
 
 CACHE_VERSION = 2
 RESIZE = "shorter-side bilinear + centre crop (identity at input_size)"
@@ -92,13 +92,14 @@ def cache_key(bb: Backbone, urls: list[str], device="cpu") -> str:
 # ------------------------------------------------------------------------------ extraction ----
 @torch.no_grad()
 def extract(bb: Backbone, urls: list[str], *, batch_size: int = 256, device="cpu", desc: str = "",
-            total: int | None = None, workers: int | None = None) -> dict:
+            total: int | None = None, workers: int | None = None,
+            expected: list[int] | None = None) -> dict:
     """Features of every labelled, decodable sample of ``urls``, in shard order.
 
     Returns ``{"key": [str], "label": LongTensor (N,), "features": FloatTensor (N, D) (None on
     ranks other than 0 under torchrun), "corrupt": int, "corrupt_keys": [str]}``. Raises
     :class:`EvalError` (on every process) for unlabelled samples, unreadable shards or keys seen
-    twice.
+    twice, and for a shard that yields fewer samples than ``expected`` (its index count).
     """
     rank, world = dist_info()
     settings = transform_settings(bb, device)
@@ -111,8 +112,9 @@ def extract(bb: Backbone, urls: list[str], *, batch_size: int = 256, device="cpu
     order, keys, labels, chunks = [], [], [], []
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
-    bar = tqdm(total=None if total is None else -(-total // world), desc=desc, unit="img",
-               disable=rank != 0, file=sys.stderr, leave=False)
+    # a bar on a terminal, a plain line a minute in a batch job (selfsup_io.progress)
+    bar = Progress(None if total is None else -(-total // world), desc, unit="img",
+                   enabled=rank == 0)
 
     def submit(samples):
         jobs = [(s.data, size, channels) for s in samples]
@@ -161,7 +163,7 @@ def extract(bb: Backbone, urls: list[str], *, batch_size: int = 256, device="cpu
     local = {"order": order, "key": keys, "label": labels, "problems": problems,
              "features": torch.cat(chunks) if chunks else None}
     merged = _gather(local, device) if world > 1 else local
-    return _finish(merged, desc or "the shards")
+    return _finish(merged, desc or "the shards", urls, expected)
 
 
 def _gather(local: dict, device) -> dict:
@@ -195,11 +197,17 @@ def _gather(local: dict, device) -> dict:
             "label": sum((m["label"] for m in metas), []), "problems": problems, "features": features}
 
 
-def _finish(parts: dict, desc: str) -> dict:
+def _finish(parts: dict, desc: str, urls=(), expected: list[int] | None = None) -> dict:
     """Checks (identical on every process) and the one-process order."""
     p: Problems = parts["problems"]
     if p.broken_shards:
         raise EvalError(f"cannot read {len(p.broken_shards)} shard(s) of {desc}: {p.broken_shards[0]}")
+    short = [(u, p.shard_counts.get(i, 0), n) for i, (u, n) in enumerate(zip(urls, expected or []))
+             if p.shard_counts.get(i, 0) < n]
+    if short:  # a split read short would be scored on fewer samples without a word (issue #16)
+        url, got, n = short[0]
+        raise EvalError(f"{url} yields {got} samples but its index says {n}: the shard is truncated "
+                        f"(in {desc}, {len(short)} shard(s) short); copy or write it again")
     if p.unlabelled:
         raise EvalError(f"{p.unlabelled} sample(s) in {desc} have no 'cls' label (e.g. "
                         f"{p.unlabelled_keys[0] if p.unlabelled_keys else '?'}): k-NN and linear probes need labelled shards")

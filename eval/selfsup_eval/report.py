@@ -40,6 +40,9 @@ def table(records: list[dict]) -> str:
     linear = any("linear" in r for r in records)
     if linear:
         head += ["linear top1", "linear top5"]
+    both = any("knn_linear" in r for r in records)
+    if both:
+        head += ["kNN⊕lin top1", "kNN⊕lin top5", "λ, k"]
     rows = []
     for r in records:
         row = [r["name"], str(r["step"]), str(r.get("objective") or "-")]
@@ -47,7 +50,15 @@ def table(records: list[dict]) -> str:
         if linear:
             lin = r.get("linear") or {}
             row += [_pct(lin.get("top1")), _pct(lin.get("top5"))]
+        if both:
+            kl = r.get("knn_linear") or {}
+            row += [_pct(kl.get("top1")), _pct(kl.get("top5")),
+                    f"{kl['lambda']:g}, {kl['k']}" if kl else "-"]
         rows.append(row)
+    return _grid(head, rows)
+
+
+def _grid(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
 
     def fmt(cells):
@@ -56,22 +67,56 @@ def table(records: list[dict]) -> str:
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows])
 
 
+def _pm(s: dict | None) -> str:
+    return "-" if not s else f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+
+
+def lowshot_table(records: list[dict]) -> str | None:
+    """Low-shot results, one row per (checkpoint, protocol): mean ± std top-1 over the subsets."""
+    rows = []
+    methods = [m for m in ("knn", "linear", "knn_linear") if any(m in p for r in records
+                                                                 for p in r.get("lowshot", {}).values())]
+    for r in records:
+        for name, res in r.get("lowshot", {}).items():
+            rows.append([r["name"], name, str(res["train_samples"]), str(res["subsets"])]
+                        + [_pm(res.get(m)) for m in methods])
+    if not rows:
+        return None
+    names = {"knn": "kNN top1", "linear": "linear top1", "knn_linear": "kNN⊕lin top1"}
+    return _grid(["checkpoint", "labels", "train images", "subsets"] + [names[m] for m in methods], rows)
+
+
+def _lowshot_columns(records: list[dict]) -> list[tuple[str, str]]:
+    seen = []
+    for r in records:
+        for name, res in r.get("lowshot", {}).items():
+            for m in ("knn", "linear", "knn_linear"):
+                if m in res and (name, m) not in seen:
+                    seen.append((name, m))
+    return seen
+
+
 def to_csv(records: list[dict]) -> str:
-    ks = _ks(records)
+    ks, low = _ks(records), _lowshot_columns(records)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["name", "path", "step", "objective"] + [f"knn_top1_{k}" for k in ks]
                     + [f"knn_top5_{k}" for k in ks]
                     + ["linear_top1", "linear_top5", "linear_lr", "linear_wd", "train_samples",
-                       "val_samples", "corrupt_samples"])
+                       "val_samples", "corrupt_samples", "knn_linear_top1", "knn_linear_top5",
+                       "knn_linear_lambda", "knn_linear_k", "knn_linear_temperature"]
+                    + [f"lowshot_{name}_{m}_{stat}" for name, m in low for stat in ("mean", "std")])
     for r in records:
-        lin = r.get("linear") or {}
+        lin, kl = r.get("linear") or {}, r.get("knn_linear") or {}
         writer.writerow([r["name"], r["path"], r["step"], r.get("objective")]
                         + [r.get("knn", {}).get(k, "") for k in ks]
                         + [r.get("knn_top5", {}).get(k, "") for k in ks]
                         + [lin.get("top1", ""), lin.get("top5", ""), lin.get("lr", ""),
                            lin.get("wd", ""), r.get("train_samples", ""), r.get("val_samples", ""),
-                           r.get("corrupt_samples", "")])
+                           r.get("corrupt_samples", "")]
+                        + [kl.get(f, "") for f in ("top1", "top5", "lambda", "k", "temperature")]
+                        + [r.get("lowshot", {}).get(name, {}).get(m, {}).get(stat, "")
+                           for name, m in low for stat in ("mean", "std")])
     return buf.getvalue()
 
 
