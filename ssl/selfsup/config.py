@@ -43,6 +43,9 @@ class DataConfig:
     # the run stops (one line) once more than this fraction of the samples drawn so far could not
     # be read or decoded: a data set that bad is not the one the user meant to train on
     max_corrupt_fraction: float = 0.1
+    # the run stops (one line) once more than this fraction of the samples drawn so far could not
+    # be read or decoded: a data set that bad is not the one the user meant to train on
+    max_corrupt_fraction: float = 0.1
 
 
 @dataclass
