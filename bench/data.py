@@ -63,7 +63,7 @@ from selfsup.augment import BatchAugment
 from selfsup.data import ShardLoader
 from selfsup.decode import crop_resize
 from selfsup.shard_writer import main as shards_main
-from selfsup.shards import resolve_shards
+from selfsup_io.shards import resolve_shards
 from selfsup.views import ViewSpec
 from selfsup_io import IMAGE_EXTS, BadLabel, label_member, member
 

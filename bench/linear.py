@@ -57,7 +57,7 @@ def cpu_name() -> str:
 def subset(spec: str, n: int, out: Path, split: str) -> Path:
     """The first ``n`` samples of ``spec`` as one shard + index (raw bytes, no re-encoding)."""
     import webdataset as wds
-    from selfsup.shards import resolve_shards
+    from selfsup_io.shards import resolve_shards
 
     shards = resolve_shards(spec)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def synthetic(root: Path):
 
 
 def load(index: Path, size: int, channels: int):
-    from selfsup.shards import resolve_shards
+    from selfsup_io.shards import resolve_shards
 
     xs, ys = [], []
     for s in iter_samples(resolve_shards(str(index)).urls):

@@ -18,7 +18,7 @@ from PIL import Image, ImageFile
 
 from conftest import child_env, make_images
 from selfsup.shard_writer import main
-from selfsup.shards import ShardSet, ShardSpecError, resolve_shards
+from selfsup_io.shards import ShardSet, ShardSpecError, resolve_shards
 
 
 def read_tars(urls):

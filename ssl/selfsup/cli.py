@@ -15,9 +15,10 @@ from selfsup.checkpoint import CheckpointError
 from selfsup.config import RecipeError, load_recipe
 from selfsup.data import DataError
 from selfsup.models import ModelError
-from selfsup.shards import ShardSpecError
+from selfsup_io.shards import ShardSpecError
+from selfsup_io.tracking import TrackerError
 
-USER_ERRORS = (RecipeError, DataError, ModelError, CheckpointError, ShardSpecError)
+USER_ERRORS = (RecipeError, DataError, ModelError, CheckpointError, ShardSpecError, TrackerError)
 DIVERGED_EXIT_CODE = 3  # NaN/inf loss or weights: not requeued (75), not a bad recipe (2)
 
 

@@ -19,14 +19,11 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from selfsup.errors import RecipeError  # noqa: F401  (also imported from here by callers)
 
 # keys older recipes may still carry, and what replaced them
 REMOVED_KEYS = {"data.decode_size": "every view is now cut from the whole original image and "
                 "resized to augment.size (drop the key; data.decode=device decodes JPEGs on the GPU)"}
-
-
-class RecipeError(ValueError):
-    """A recipe problem, reported to the user as one line."""
 
 
 @dataclass
@@ -121,6 +118,15 @@ class MonitorConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where metrics go besides ``RUN_DIR/metrics.jsonl`` (always written). Progress on stderr
+    is a bar on a terminal and a plain line every SELFSUP_PROGRESS_SECONDS (60) otherwise."""
+
+    trackers: List[str] = field(default_factory=list)  # tensorboard, wandb, mlflow, comet_ml, aim...
+    project: str = "selfsup"  # the tracker's project / experiment name; the run is named after run.dir
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -131,6 +137,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     resume: str = "auto"  # auto (latest checkpoint in run.dir, if any) | none | PATH
 
 

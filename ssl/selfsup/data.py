@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from selfsup.decode import DeviceDecoder, decode_views, device_decodable, open_image
-from selfsup.shards import ShardSet, resolve_shards
+from selfsup_io.shards import ShardSet, resolve_shards
 from selfsup.views import ViewSpec, sample_boxes, sample_rng, view_size
 from selfsup_io import BadLabel, image_member, label_member
 

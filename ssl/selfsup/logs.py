@@ -1,4 +1,7 @@
-"""Metrics to ``RUN_DIR/metrics.jsonl`` (always) and TensorBoard (when installed)."""
+"""Metrics to ``RUN_DIR/metrics.jsonl`` (always) and to the trackers the recipe names
+(``log.trackers``: tensorboard, wandb, mlflow... through accelerate's tracking API, see
+:mod:`selfsup_io.tracking`). JSONL is the record of truth: the tests, ``bench/`` and the README's
+figures read it, and it needs nothing installed."""
 
 from __future__ import annotations
 
@@ -6,24 +9,30 @@ import json
 import time
 from pathlib import Path
 
+from selfsup_io.tracking import Trackers
+
 
 class MetricsLog:
-    """Append-only JSONL, one record per logging step; main process only."""
+    """Append-only JSONL, one record per logging step, copied to the trackers; main process only.
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    ``config`` (the resolved recipe) becomes the trackers' run configuration.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, trackers=(),
+                 project: str = "selfsup", config: dict | None = None):
         self.enabled = enabled
-        self.tb = None
+        self.trackers = None
         if not enabled:
             return
-        self.path = Path(run_dir) / "metrics.jsonl"
+        run_dir = Path(run_dir)
+        self.path = run_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a", buffering=1)
         try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        except Exception:  # tensorboard not installed: JSONL only
-            self.tb = None
+            self.trackers = Trackers(trackers, run_dir, project, run_dir.resolve().name, config)
+        except BaseException:
+            self.file.close()
+            raise
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -31,13 +40,9 @@ class MetricsLog:
         record = {"step": step, "time": round(time.time(), 3),
                   **{k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+        self.trackers.log({k: v for k, v in record.items() if k not in ("step", "time")}, step)
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
-            if self.tb is not None:
-                self.tb.close()
+            self.trackers.finish()

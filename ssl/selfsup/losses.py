@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from lightly.utils import dist
 
-from selfsup.config import RecipeError
+from selfsup.errors import RecipeError
 
 LOSSES = ("infonce", "dcl", "dclw")
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.data import DataError, ShardLoader
-from selfsup.shards import resolve_shards
+from selfsup_io.shards import resolve_shards
 from selfsup.views import ViewSpec
 
 

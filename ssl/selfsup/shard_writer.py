@@ -48,9 +48,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from selfsup.shards import INDEX_FORMAT, SHARD_NAME
+from selfsup_io.progress import Progress
+from selfsup_io.shards import INDEX_FORMAT, SHARD_NAME
 
 TORCHVISION_SETS = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
 MNIST_FAMILY = ("MNIST", "FashionMNIST", "KMNIST")
@@ -296,8 +296,9 @@ def write_shards(source: str, out_dir: str, split: str, shard_size: int = 5000,
         os.replace(tmp, out / shards[-1]["name"])
 
     try:
-        bar = tqdm(total=total, initial=len(skipped), desc=f"shards {split}", unit="img")
-        with bar:  # closed on errors too
+        # a bar on a terminal, a plain line a minute in a batch job (selfsup_io.progress)
+        bar = Progress(total, f"shards {split}", unit="img", initial=len(skipped))
+        try:  # closed on errors too
             i = 0  # samples written; skipped files take no key, so keys stay contiguous
             for image, label, extra in items:
                 if image is None:
@@ -321,6 +322,8 @@ def write_shards(source: str, out_dir: str, split: str, shard_size: int = 5000,
                 shards[-1]["num_samples"] += 1
                 i += 1
                 bar.update()
+        finally:
+            bar.close()
         if writer is not None:
             finish()
     except BaseException:

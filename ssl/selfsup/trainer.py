@@ -25,13 +25,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 from timm.optim import create_optimizer_v2
-from tqdm import tqdm
 
 from selfsup import checkpoint as ckpt
 from selfsup.config import RecipeError
 from selfsup.data import ShardLoader
 from selfsup.logs import MetricsLog
 from selfsup.models import create_backbone
+from selfsup_io.progress import Progress
+from selfsup_io.tracking import TrackerError, check_trackers
 from selfsup.monitor import Monitor
 from selfsup.objectives import build_objective
 from selfsup.schedules import ema_update, lr_scheduler, scaled_lr, set_weight_decay
@@ -108,6 +109,10 @@ def build_model(cfg, acc: Accelerator):
 
 class Trainer:
     def __init__(self, cfg):
+        try:  # before anything is built: a missing tracker package is a one-line error at once
+            check_trackers(cfg.log.trackers)
+        except TrackerError as e:
+            raise RecipeError(str(e)) from None
         self.cfg = cfg
         self.acc = make_accelerator(cfg)
         acc = self.acc
@@ -243,16 +248,40 @@ class Trainer:
         self.resume()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
-        log = MetricsLog(self.run_dir, enabled=acc.is_main_process)
-        bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not acc.is_main_process,
-                   desc=f"{self.objective.name} {cfg.run.dir}", dynamic_ncols=True)
+        log = self._open_log()
+        # a bar on a terminal, a plain line a minute in a batch job's log (selfsup_io.progress)
+        bar = Progress(self.total_steps, f"{self.objective.name} {cfg.run.dir}", unit="steps",
+                       initial=self.state["step"], enabled=acc.is_main_process,
+                       rate_unit="img/s", rate_scale=self.global_batch)
         try:
             return self._loop(log, bar)
         finally:  # also on Preempted / Diverged: the JSONL and TensorBoard files are flushed
             bar.close()
             log.close()
 
-    def _loop(self, log: MetricsLog, bar: tqdm) -> dict:
+    def _open_log(self) -> MetricsLog:
+        """JSONL + the recipe's trackers, opened on the main process. A tracker that does not
+        start (no API key, server unreachable) fails every rank together: the others would
+        otherwise wait at their next collective for a rank that has gone."""
+        cfg, acc = self.cfg, self.acc
+        log, error = None, None
+        try:
+            log = MetricsLog(self.run_dir, enabled=acc.is_main_process, trackers=cfg.log.trackers,
+                             project=cfg.log.project, config=OmegaConf.to_container(cfg, resolve=True))
+        except TrackerError as e:
+            error = e
+        if acc.num_processes > 1:
+            failed = acc.reduce(torch.tensor([float(error is not None)], device=acc.device), "sum")
+            if failed.item() and error is None:
+                if log is not None:
+                    log.close()
+                raise TrackerError("log.trackers: a tracker did not start on the main process "
+                                   "(its message is in rank 0's log)")
+        if error is not None:
+            raise error
+        return log
+
+    def _loop(self, log: MetricsLog, bar: Progress) -> dict:
         cfg, acc = self.cfg, self.acc
         accum, device = cfg.train.grad_accum, acc.device
         data = self.batches()
@@ -324,7 +353,7 @@ class Trainer:
         if momentum is not None:
             record["momentum"] = momentum
         log.log(self.state["step"], record)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
-                        ips=f"{record['img_per_s']:.0f}", wait=f"{record['data_wait']:.0%}")
+        bar.set(epoch=f"{record['epoch']:.2f}", loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
+                data_wait=f"{record['data_wait']:.0%}")
         window.update(t0=time.perf_counter(), wait=0.0, steps=0, loss=0.0, corrupt=0)
         return record

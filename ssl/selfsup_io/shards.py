@@ -1,10 +1,10 @@
 """WebDataset shards: resolving a shard specification (the writer, ``selfsup-shards``, is
-:mod:`selfsup.shard_writer`).
+:mod:`selfsup.shard_writer`). It lives in ``selfsup_io`` because both the trainer and the evaluator
+resolve shard specifications, and neither imports the other.
 
 Shards are the one data format every selfsup tool reads (docs/formats.md): plain tar files in the
 public WebDataset layout plus an index json with per-shard sample counts. The counts matter: they
-give every rank the same, known epoch length without scanning terabytes of tars first. The
-evaluator (``selfsup_eval``) resolves specifications with this module too.
+give every rank the same, known epoch length without scanning terabytes of tars first.
 """
 
 

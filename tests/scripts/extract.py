@@ -14,7 +14,7 @@ if __name__ == "__main__":
     ckpt, shards, out = sys.argv[1:4]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
-    from selfsup.shards import resolve_shards
+    from selfsup_io.shards import resolve_shards
 
     feats = extract(load_backbone(ckpt), resolve_shards(shards).urls, batch_size=7)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from selfsup.config import RecipeError
+from selfsup.errors import RecipeError
 from selfsup.views import ViewSpec
 
 _REGISTRY: dict[str, type["Objective"]] = {}

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from selfsup.config import RecipeError
+from selfsup.errors import RecipeError
 
 
 @dataclass

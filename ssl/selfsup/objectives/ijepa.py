@@ -42,7 +42,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from selfsup.augment import BatchAugment
 from selfsup.views import ViewSpec
-from selfsup.config import RecipeError
+from selfsup.errors import RecipeError
 from selfsup.objectives.base import Objective, register
 from selfsup.objectives.ijepa_masks import MultiBlockMasks
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from selfsup.augment import BatchAugment
 from selfsup.views import ViewSpec
-from selfsup.config import RecipeError
+from selfsup.errors import RecipeError
 from selfsup.losses import gather_cat
 from selfsup.objectives.base import Objective, register
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from selfsup.config import RecipeError
+from selfsup.errors import RecipeError
 
 
 @dataclass

@@ -43,7 +43,7 @@ from lightly.models.utils import deactivate_requires_grad
 from lightly.utils import dist
 
 from selfsup.augment import BatchAugment
-from selfsup.config import RecipeError
+from selfsup.errors import RecipeError
 from selfsup.losses import check_loss, contrastive_logits_loss, gather_cat
 from selfsup.objectives.base import Objective, register
 from selfsup.objectives.hallucinator import Hallucinator, HallucinatorConfig, check_hallucinator

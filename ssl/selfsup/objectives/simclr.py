@@ -29,7 +29,7 @@ from lightly.models.modules import SimCLRProjectionHead
 from lightly.utils import dist
 
 from selfsup.augment import BatchAugment
-from selfsup.config import RecipeError
+from selfsup.errors import RecipeError
 from selfsup.losses import check_loss, contrastive_logits_loss, pair_similarities
 from selfsup.objectives.base import Objective, register
 from selfsup.objectives.hallucinator import Hallucinator, HallucinatorConfig, check_hallucinator

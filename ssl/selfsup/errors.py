@@ -1,0 +1,12 @@
+"""Errors a user can fix, each reported by the CLIs as one line with exit code 2.
+
+They live in a module of their own, below everything else, so that the modules raising them
+(the recipe loader, the objectives, the data path) need not import one another: the recipe loader
+reads the objectives' registry, and the objectives must not import the recipe loader back.
+"""
+
+from __future__ import annotations
+
+
+class RecipeError(ValueError):
+    """A recipe problem, reported to the user as one line."""
