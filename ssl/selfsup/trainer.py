@@ -29,6 +29,7 @@ from timm.optim import create_optimizer_v2
 from selfsup import checkpoint as ckpt
 from selfsup.config import RecipeError
 from selfsup.data import ShardLoader
+from selfsup.hf_export import export_hf
 from selfsup.logs import MetricsLog
 from selfsup.models import create_backbone
 from selfsup_io.progress import Progress
@@ -189,7 +190,9 @@ class Trainer:
                 "pool": self.objective.export_pool, "objective": self.objective.name,
                 "step": self.state["step"], "epoch": round(self.epochs_done(), 4),
                 "run": str(self.run_dir)}
-        return ckpt.export_backbone(self.objective.backbone, self.run_dir, meta)
+        path = ckpt.export_backbone(self.objective.backbone, self.run_dir, meta)
+        export_hf(self.objective.backbone, self.run_dir, meta)  # timm's HF layout, export/hf
+        return path
 
     def _check_weights(self) -> None:
         """One device sync per checkpoint: a NaN update a log window has not yet shown must not
