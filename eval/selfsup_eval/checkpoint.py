@@ -90,6 +90,17 @@ class Backbone:
         return self.model(x)
 
 
+def has_selfsup_metadata(path) -> bool:
+    """True for a readable safetensors file whose header has the ``selfsup`` key (no weights read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return "selfsup" in (f.metadata() or {})
+    except Exception:
+        return False
+
+
 def read_metadata(path: Path) -> dict:
     """The export's ``selfsup`` metadata, checked; :class:`EvalError` if it is not an export."""
     from safetensors import safe_open
@@ -99,10 +110,12 @@ def read_metadata(path: Path) -> dict:
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for non-safetensors bytes
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise EvalError(f"{path} is not a readable safetensors file ({reason})") from None
+        raise EvalError(f"{path} is not a readable safetensors file ({reason}); a checkpoint of another "
+                        "framework needs --model TIMM_NAME") from None
     if "selfsup" not in meta:
         raise EvalError(f"{path} has no 'selfsup' metadata: not a selfsup export "
-                        "(expected RUN/export/backbone*.safetensors, see docs/formats.md)")
+                        "(expected RUN/export/backbone*.safetensors, see docs/formats.md); for another "
+                        "framework's checkpoint pass --model TIMM_NAME")
     try:
         info = json.loads(meta["selfsup"])
     except ValueError:

@@ -21,16 +21,18 @@ one ``selfsup-eval: error: ...`` line, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 import torch
 
 from selfsup_eval import report
-from selfsup_eval.checkpoint import (RAW, EvalError, expand_checkpoints, load_backbone, read_metadata,
-                                     resolve_raw, run_dir_of)
+from selfsup_eval.checkpoint import (RAW, EvalError, expand_checkpoints, has_selfsup_metadata, load_backbone,
+                                     read_metadata, resolve_raw, run_dir_of)
 from selfsup_eval.data import first_sample, image_info
 from selfsup_eval.features import cached_features, default_cache_dir, dist_info
+from selfsup_eval.foreign import build_timm, load_foreign
 from selfsup_eval.probes import probe
 
 PROTOCOL = ("protocol: frozen backbone in eval mode | resize shorter side + centre-crop to the "
@@ -68,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random subsets per low-shot protocol, seeded from the labels (default 5)")
     p.add_argument("--baseline", action="append", default=[], metavar="CHECKPOINT",
                    help="reference evaluated by k-NN only and listed first (e.g. raw-pixels); repeatable")
+    g = p.add_argument_group("checkpoints of other frameworks (a file without selfsup metadata)")
+    g.add_argument("--model", metavar="TIMM_NAME", default=None,
+                   help="timm model the file's backbone fits (plain/torchvision/timm state dicts, official "
+                   "MoCo, DINO, I-JEPA, solo-learn, lightly layouts; docs/formats.md)")
+    g.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help="timm.create_model keyword arguments, e.g. '{\"class_token\": false, \"global_pool\": \"avg\"}'")
+    g.add_argument("--checkpoint-key", default=None, metavar="KEY",
+                   help="the entry holding the state dict (default: detected, e.g. state_dict, teacher)")
+    g.add_argument("--prefix", default=None, metavar="PREFIX",
+                   help="name prefix of the backbone's weights (default: detected, e.g. module.encoder_q.)")
+    g.add_argument("--input-size", type=int, default=None, metavar="N",
+                   help="input side (default: timm's pretrained config of the model)")
+    g.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean (default: timm's)")
+    g.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std (default: timm's)")
     p.add_argument("--raw-size", type=int, default=None, metavar="N",
                    help="raw-pixels: resize + centre-crop to N (default: native size)")
     p.add_argument("--out", metavar="DIR", help="write results.json, results.csv, accuracy_vs_step.png")
@@ -78,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="image-decoding threads (default min(4, CPUs))")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
 
 
 def parse(argv):
@@ -95,6 +121,8 @@ def parse(argv):
         p.error("--shots values must be at least 1")
     if args.fraction and not all(0 < f <= 1 for f in args.fraction):
         p.error("--fraction values must be in (0, 1]")
+    if args.input_size is not None and args.input_size < 1:
+        p.error("--input-size must be positive")
     if args.subsets < 1:
         p.error("--subsets must be at least 1")
     if not args.knn_loss >= 0:
@@ -154,6 +182,27 @@ def check_k(args, n_train: int) -> None:
     args.k = [k for k in args.k if k <= n_train]
 
 
+def check_checkpoint(path: str, args) -> None:
+    """A selfsup export's metadata, or for any other file that ``--model`` says how to read it."""
+    if path == RAW:
+        return
+    if has_selfsup_metadata(path) or not args.model:
+        read_metadata(path)  # the one-line error says what is missing
+        return
+    build_timm(args.model, args.model_kwargs, path)  # a wrong --model fails before any extraction
+
+
+def load_any(path: str, args):
+    """raw-pixels, a selfsup export, or (with ``--model``) another framework's checkpoint."""
+    if path == RAW or has_selfsup_metadata(path):
+        return load_backbone(path, args.raw_size)
+    bb, note = load_foreign(path, args.model, args.model_kwargs, args.checkpoint_key, args.prefix,
+                            args.input_size, args.mean, args.std)
+    if dist_info()[0] == 0:
+        print(f"note: {note}")
+    return bb
+
+
 def prepare_raw(bb, train) -> None:
     s = first_sample(train.urls)
     if s is None or s.data is None:
@@ -171,15 +220,14 @@ def evaluate(args) -> list[dict]:
     entries = [(p, True) for p in expand_checkpoints(args.baseline)]
     entries += [(p, False) for p in expand_checkpoints(args.checkpoints)]
     for path, _ in entries:  # every export checked before the first (long) extraction
-        if path != RAW:
-            read_metadata(path)
+        check_checkpoint(path, args)
     if train.num_samples is not None:
         check_k(args, train.num_samples)
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
     kw = dict(batch_size=args.batch_size, device=args.device, workers=args.workers)
     records = []
     for path, baseline in entries:
-        bb = load_backbone(path, args.raw_size)
+        bb = load_any(path, args)
         if bb.is_raw:
             prepare_raw(bb, train)
         ftrain = cached_features(bb, train.urls, cache, desc=f"{bb.name} train", total=train.num_samples,

@@ -1,0 +1,200 @@
+"""Checkpoints from the rest of the ecosystem → the timm model ``--model`` names.
+
+Users compare their runs with public checkpoints and other frameworks' runs, which store a
+backbone in many layouts. Like DINO's eval scripts (``--checkpoint_key``, then stripping
+``module.`` and ``backbone.``), the loader finds the weights in two steps, each overridable:
+
+1. **which state dict** (``--checkpoint-key``): the file itself when it is a flat name → tensor
+   map, else the first of :data:`STATE_KEYS` that holds one (``state_dict``: timm, torchvision
+   references, official MoCo, solo-learn and other Lightning checkpoints; ``teacher``: DINO;
+   ``target_encoder``: I-JEPA, whose evaluations use the target encoder; ``encoder``...), else
+   the only one there is;
+2. **which prefix** (``--prefix``): the one that maps the most checkpoint names, with matching
+   shapes, onto the model's names, ties broken by :data:`PREFERRED` (the query encoder
+   ``module.encoder_q.`` over MoCo's key encoder, ``backbone.`` over ``momentum_backbone.``...).
+   A name may also address the model's children by position, as lightly's examples do with
+   ``nn.Sequential(*list(resnet.children())[:-1])`` (``backbone.4.0.conv1.weight`` is
+   ``layer1.0.conv1.weight``); that reading is tried too.
+
+Checkpoint names left over (heads, projectors, the other encoder, optimizer-free extras) are
+reported in one line. A model weight the checkpoint does not provide is an error, never a
+silently random backbone. Files are read by :mod:`selfsup_eval.safe_load` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from selfsup_eval.checkpoint import (Backbone, EvalError, check_feature_dim, file_digest,
+                                     validate_metadata)
+from selfsup_eval.safe_load import load_file
+
+STATE_KEYS = ("state_dict", "model", "teacher", "target_encoder", "encoder", "model_state", "module",
+              "net", "network", "student")
+PREFERRED = ("", "module.", "backbone.", "module.backbone.", "encoder_q.", "module.encoder_q.",
+             "encoder.vit.", "model.", "module.model.", "encoder.", "module.encoder.", "base_encoder.",
+             "module.base_encoder.", "model.backbone.", "teacher.backbone.")
+
+
+def is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values()) \
+        and all(isinstance(k, str) for k in obj)
+
+
+def pick_state_dict(obj, key: str | None = None, where: str = "checkpoint") -> tuple[dict, str | None]:
+    """``(state dict, the key it was under or None for the top level)``."""
+    if key:
+        if not isinstance(obj, dict) or key not in obj:
+            have = ", ".join(map(str, list(obj)[:12])) if isinstance(obj, dict) else type(obj).__name__
+            raise EvalError(f"{where}: --checkpoint-key {key!r} is not in the checkpoint (it has: {have})")
+        if not is_state_dict(obj[key]):
+            raise EvalError(f"{where}: --checkpoint-key {key!r} does not hold a name -> tensor state dict")
+        return obj[key], key
+    if is_state_dict(obj):
+        return obj, None
+    if not isinstance(obj, dict):
+        raise EvalError(f"{where} holds a {type(obj).__name__}, not a state dict or a dict of them")
+    for k in STATE_KEYS:
+        if is_state_dict(obj.get(k)):
+            return obj[k], k
+    found = [k for k, v in obj.items() if is_state_dict(v)]
+    if len(found) == 1:
+        return obj[found[0]], found[0]
+    raise EvalError(f"{where}: cannot tell which state dict holds the backbone (candidates: "
+                    f"{', '.join(map(str, found)) or 'none'}); pass --checkpoint-key")
+
+
+def _children_form(key: str, children: list[str]) -> str | None:
+    """``backbone.4.0.conv1.weight`` → ``backbone.layer1.0.conv1.weight``: the first numeric
+    component read as the index of a top-level child of the model (lightly's Sequential)."""
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            if int(p) < len(children):
+                return ".".join(parts[:i] + [children[int(p)]] + parts[i + 1:])
+            return None
+    return None
+
+
+def _rank(prefix: str) -> int:
+    return PREFERRED.index(prefix) if prefix in PREFERRED else len(PREFERRED)
+
+
+def match_keys(state: dict, model: nn.Module, prefix: str | None = None) -> dict:
+    """Map checkpoint names onto the model's. Returns ``{"mapped": {model name: tensor},
+    "prefix", "positional", "unused": [checkpoint names], "mismatched": [names]}``."""
+    target = {k: v.shape for k, v in model.state_dict().items()}
+    children = [n for n, _ in model.named_children()]
+    forms = {"direct": {k: k for k in state}, "positional": {}}
+    for k in state:
+        alt = _children_form(k, children)
+        if alt is not None:
+            forms["positional"][k] = alt
+    best = None
+    for form, names in forms.items():
+        counts = Counter()
+        for orig, name in names.items():
+            parts = name.split(".")
+            for i in range(len(parts)):
+                suffix, pre = ".".join(parts[i:]), ".".join(parts[:i]) + ("." if i else "")
+                if suffix in target and tuple(target[suffix]) == tuple(state[orig].shape):
+                    counts[pre] += 1
+        if prefix is not None:
+            counts = Counter({prefix: counts.get(prefix, 0)})
+        for pre, n in counts.items():
+            cand = (n, -_rank(pre), form == "direct")
+            if best is None or cand > best[0]:
+                best = (cand, form, pre)
+    if best is None:
+        return {"mapped": {}, "prefix": prefix or "", "positional": False, "unused": list(state), "mismatched": []}
+    _, form, pre = best
+    mapped, unused, mismatched = {}, [], []
+    for orig, name in forms[form].items():
+        if name.startswith(pre) and name[len(pre):] in target:
+            sub = name[len(pre):]
+            if tuple(target[sub]) == tuple(state[orig].shape):
+                mapped[sub] = state[orig]
+                continue
+            mismatched.append(f"{orig} {tuple(state[orig].shape)} vs {tuple(target[sub])}")
+        unused.append(orig)
+    unused += [k for k in state if k not in forms[form]]
+    return {"mapped": mapped, "prefix": pre, "positional": form == "positional", "unused": unused,
+            "mismatched": mismatched}
+
+
+def load_weights(model: nn.Module, state: dict, where: str, prefix: str | None = None) -> dict:
+    """Copy the checkpoint's backbone weights into ``model``; error if any stays uninitialised."""
+    m = match_keys(state, model, prefix)
+    missing = [k for k in model.state_dict() if k not in m["mapped"] and not k.endswith("num_batches_tracked")]
+    if missing:
+        hint = f"; shapes differ: {', '.join(m['mismatched'][:3])}" if m["mismatched"] else ""
+        raise EvalError(f"{where}: {len(missing)} of the model's {len(model.state_dict())} weights would stay "
+                        f"uninitialised (e.g. {', '.join(missing[:3])}) with prefix {m['prefix']!r}{hint}: "
+                        "not a backbone of this model (check --model/--model-kwargs, --checkpoint-key, --prefix)")
+    model.load_state_dict(m["mapped"], strict=False)
+    return m
+
+
+def unused_note(where: str, m: dict, key: str | None) -> str:
+    """The one-line report of what was taken and what was left."""
+    src = f"'{key}'" if key else "the top level"
+    how = " (children by position)" if m["positional"] else ""
+    left = (f"; {len(m['unused'])} checkpoint tensor(s) not used, e.g. {', '.join(m['unused'][:4])}"
+            if m["unused"] else "; every checkpoint tensor used")
+    return f"{where}: {len(m['mapped'])} tensors from {src}, prefix {m['prefix']!r}{how}{left}"
+
+
+def build_timm(model_name: str, model_kwargs: dict | None, where: str) -> tuple[nn.Module, dict]:
+    import timm
+
+    if not isinstance(model_name, str) or not timm.is_model(model_name):
+        raise EvalError(f"--model {model_name!r} is not a timm model name (see timm.list_models())")
+    kwargs = {**(model_kwargs or {}), "num_classes": 0}
+    try:
+        return timm.create_model(model_name, pretrained=False, **kwargs), kwargs  # never a download
+    except Exception as e:
+        raise EvalError(f"{where}: timm cannot build {model_name!r} with {kwargs} ({' '.join(str(e).split())[:200]})") from None
+
+
+def foreign_metadata(model: nn.Module, model_name: str, kwargs: dict, input_size=None, mean=None,
+                     std=None) -> dict:
+    """Export-style metadata; input size, mean and std from timm's pretrained config of the model
+    unless given (no network: the config ships with timm)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = input_size if input_size is not None else int((cfg.get("input_size") or (3, 224, 224))[-1])
+    return {"format": 1, "model_name": model_name, "model_kwargs": kwargs, "small_stem": False,
+            "input_size": size, "mean": [float(v) for v in (mean or cfg.get("mean") or (0.485, 0.456, 0.406))],
+            "std": [float(v) for v in (std or cfg.get("std") or (0.229, 0.224, 0.225))],
+            "feature_dim": int(getattr(model, "num_features", 0)) or None, "pool": "head"}
+
+
+def load_foreign(path: str, model_name: str, model_kwargs: dict | None = None, key: str | None = None,
+                 prefix: str | None = None, input_size: int | None = None, mean=None, std=None,
+                 ) -> tuple[Backbone, str]:
+    """A non-selfsup checkpoint as an eval-mode :class:`Backbone`, plus the one-line key report."""
+    p = Path(path)
+    if not p.is_file():
+        raise EvalError(f"checkpoint not found: {path}")
+    obj, how = load_file(str(p))
+    state, used_key = pick_state_dict(obj, key, str(p))
+    model, kwargs = build_timm(model_name, model_kwargs, str(p))
+    meta = foreign_metadata(model, model_name, kwargs, input_size, mean, std)
+    validate_metadata(meta, f"{p} with --model {model_name}")
+    m = load_weights(model, state, str(p), prefix)
+    model.eval()
+    model.requires_grad_(False)
+    epoch = obj.get("epoch") if isinstance(obj, dict) else None
+    meta.update(objective="foreign", step=int(epoch) if isinstance(epoch, int) else -1,
+                source={"file": str(p), "read_with": how, "checkpoint_key": used_key, "prefix": m["prefix"]})
+    options = json.dumps({k: meta[k] for k in ("model_name", "model_kwargs", "input_size", "mean", "std")}
+                         | {"key": used_key, "prefix": m["prefix"], "positional": m["positional"]}, sort_keys=True)
+    digest = hashlib.sha256((file_digest(p) + options).encode()).hexdigest()
+    bb = Backbone(f"{p.stem}[{model_name}]", str(p), meta, model, digest)
+    check_feature_dim(bb)
+    return bb, unused_note(str(p), m, used_key)
