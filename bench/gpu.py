@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 
 import torch
-from timm.optim import create_optimizer_v2
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import timed, trainer_step  # noqa: E402
 
 from selfsup.config import load_recipe  # noqa: E402
+from selfsup.optim import create_optimizer  # noqa: E402
 from selfsup.trainer import build_model, make_accelerator  # noqa: E402
 from selfsup.views import view_size  # noqa: E402
 
@@ -63,7 +63,7 @@ def make_step(recipe: str, overrides: list[str], batch: int, channels_last: bool
     acc = make_accelerator(cfg)
     torch.manual_seed(0)
     objective = build_model(cfg, acc)
-    opt = create_optimizer_v2(objective, opt=cfg.optim.name, lr=1e-4, weight_decay=cfg.optim.weight_decay)
+    opt = create_optimizer(objective, cfg.optim, 1e-4, acc.device)  # the trainer's (fused on CUDA)
     model, opt = acc.prepare(objective, opt)
     size = cfg.augment.size
     views = objective.views()  # what the loader would deliver: (B, V, 3, S, S) uint8 crops

@@ -43,9 +43,24 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # ids used by params["order"]
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without making the host wait for the device: on CUDA a
+    copy from pageable memory may synchronise with the stream (and a plain ``.to`` does), a
+    ``non_blocking`` copy from pinned memory is queued behind the kernels already issued. The
+    caller must not modify ``t`` afterwards (fresh per-step draws never are)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-sample CPU vector as a (B, 1, 1, 1) tensor on ``x``'s device and dtype."""
-    return v.to(x.dtype).to(x.device).view(-1, 1, 1, 1)
+    """A per-sample vector as a (B, 1, 1, 1) tensor in ``x``'s dtype. :meth:`BatchAugment.apply`
+    passes vectors already on ``x``'s device; a host vector (direct calls) is copied without a
+    host sync."""
+    if v.device != x.device:
+        v = to_device_async(v, x.device)
+    return v.to(x.dtype).view(-1, 1, 1, 1)
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -88,16 +103,12 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, ksize: int) -> torch.Ten
     return y.view(b, c, h, w)
 
 
-def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn, *per_sample: torch.Tensor) -> torch.Tensor:
-    """``fn`` applied only to the samples where the CPU bool ``mask`` holds (others unchanged).
-    The index is computed on the CPU, so there is no device sync; per-sample args are sliced too."""
-    idx = mask.nonzero().flatten()
-    if len(idx) == 0:
-        return x
-    if len(idx) == len(mask):
+def _on_subset(x: torch.Tensor, idx: torch.Tensor | None, fn, *per_sample: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied only to the samples ``idx`` (a device index; None: all of them), the others
+    unchanged; ``per_sample`` are the chosen samples' values, already on the device."""
+    if idx is None:
         return fn(x, *per_sample).contiguous()
-    d = idx.to(x.device)
-    return x.contiguous().index_copy_(0, d, fn(x.index_select(0, d), *(a[idx] for a in per_sample)))
+    return x.contiguous().index_copy_(0, idx, fn(x.index_select(0, idx), *per_sample))
 
 
 def _float3(images: torch.Tensor) -> torch.Tensor:
@@ -130,6 +141,11 @@ class BatchAugment(nn.Module):
         k = max(3, int(blur_kernel_frac * self.size))
         self.blur_kernel = k + 1 - k % 2  # odd, like SimCLR's 10 % rule (224 px → 23)
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+        # as buffers that move with the objective (not saved: checkpoints stay as they were):
+        # torchvision's normalize makes tensors of the two lists on the device every call, a
+        # blocking host-to-device copy each
+        self.register_buffer("_mean", torch.tensor(self.mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(-1, 1, 1), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"size={self.size}, hflip_p={self.hflip_p}, "
@@ -166,30 +182,58 @@ class BatchAugment(nn.Module):
                 "blur": u[:, 7] < self.blur_p, "sigma": lo + (hi - lo) * u[:, 8],
                 "solarize": u[:, 9] < self.solarize_p}
 
-    def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
-        """The views of ``images`` for given parameters (see ``sample_params``)."""
-        x = _float3(images)
+    def _ops(self, p: dict) -> list:
+        """``(fn, CPU bool mask of the samples it applies to, per-sample key or None)`` in the
+        order applied."""
+        ops = []
         if self.hflip_p > 0:
-            x = _on_subset(x, p["flip"], lambda y: y.flip(-1))
+            ops.append((lambda y: y.flip(-1), p["flip"], None))
         if self.jitter_p > 0:
             # An op with zero strength is skipped, as ColorJitter does (hue 0 would still
             # round-trip through HSV); the others run in each sample's own order.
-            ops = [(adjust_brightness, "brightness", self.brightness > 0),
-                   (adjust_contrast, "contrast", self.contrast > 0),
-                   (adjust_saturation, "saturation", self.saturation > 0),
-                   (adjust_hue, "hue", self.hue > 0)]
-            for step in range(len(ops)):
-                for op_id, (fn, key, active) in enumerate(ops):
+            jitter = [(adjust_brightness, "brightness", self.brightness > 0),
+                      (adjust_contrast, "contrast", self.contrast > 0),
+                      (adjust_saturation, "saturation", self.saturation > 0),
+                      (adjust_hue, "hue", self.hue > 0)]
+            for step in range(len(jitter)):
+                for op_id, (fn, key, active) in enumerate(jitter):
                     if active:
-                        mask = p["jitter"] & (p["order"][:, step] == op_id)
-                        x = _on_subset(x, mask, fn, p[key])
+                        ops.append((fn, p["jitter"] & (p["order"][:, step] == op_id), key))
         if self.gray_p > 0:
-            x = _on_subset(x, p["gray"], lambda y: TF.rgb_to_grayscale(y, num_output_channels=3))
+            ops.append((lambda y: TF.rgb_to_grayscale(y, num_output_channels=3), p["gray"], None))
         if self.blur_p > 0:
-            x = _on_subset(x, p["blur"], lambda y, s: gaussian_blur(y, s, self.blur_kernel), p["sigma"])
+            ops.append((lambda y, s: gaussian_blur(y, s, self.blur_kernel), p["blur"], "sigma"))
         if self.solarize_p > 0:
-            x = _on_subset(x, p["solarize"], lambda y: TF.solarize(y, 0.5))
-        return TF.normalize(x, self.mean, self.std)
+            ops.append((lambda y: TF.solarize(y, 0.5), p["solarize"], None))
+        return ops
+
+    def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
+        """The views of ``images`` for given parameters (see ``sample_params``).
+
+        Which samples each op touches is decided on the CPU, and every index and per-sample value
+        the ops need goes to the device in two copies per batch (pinned, ``non_blocking``): no
+        host sync, and no per-op copy (16 small copies each cost the host ~10-20 µs)."""
+        x = _float3(images)
+        plan, index, values = [], [], []
+        for fn, mask, key in self._ops(p):
+            idx = mask.nonzero().flatten()
+            if len(idx) == 0:
+                continue
+            whole = len(idx) == len(mask)
+            if not whole:
+                index.append(idx)
+            if key is not None:
+                values.append(p[key][idx].float())
+            plan.append((fn, whole, key is not None))
+        index = to_device_async(torch.cat(index), x.device).split([len(i) for i in index]) if index else []
+        values = to_device_async(torch.cat(values), x.device).split([len(v) for v in values]) if values else []
+        index, values = iter(index), iter(values)
+        for fn, whole, has_value in plan:
+            x = _on_subset(x, None if whole else next(index), fn, *([next(values)] if has_value else []))
+        mean, std = self._mean, self._std
+        if mean.device != x.device:  # a module that was not moved with its objective (benchmarks)
+            mean, std = to_device_async(mean, x.device), to_device_async(std, x.device)
+        return (x - mean) / std  # torchvision's normalize (sub_, div_), without its copies
 
     def forward(self, images: torch.Tensor, generator: torch.Generator,
                 return_params: bool = False):

@@ -50,11 +50,18 @@ def set_weight_decay(optimizer, base: float, end: float | None, progress: float)
 
 @torch.no_grad()
 def ema_update(online: torch.nn.Module, target: torch.nn.Module, momentum: float) -> None:
-    """target ← m·target + (1−m)·online, for parameters and floating buffers (BN statistics)."""
+    """target ← m·target + (1−m)·online, for parameters and floating buffers (BN statistics).
+    One multi-tensor ``_foreach_lerp_`` over all of them (as timm's ``ModelEmaV3``), not a Python
+    loop of one lerp (one kernel launch and its Python dispatch) per tensor."""
+    dst, src = [], []
     for po, pt in zip(online.parameters(), target.parameters()):
-        pt.lerp_(po.detach(), 1.0 - momentum)
+        dst.append(pt)
+        src.append(po.detach())
     for bo, bt in zip(online.buffers(), target.buffers()):
         if bt.dtype.is_floating_point:
-            bt.lerp_(bo, 1.0 - momentum)
+            dst.append(bt)
+            src.append(bo)
         else:
             bt.copy_(bo)
+    if dst:
+        torch._foreach_lerp_(dst, src, 1.0 - momentum)

@@ -16,7 +16,6 @@ import math
 import os
 import signal
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
-from timm.optim import create_optimizer_v2
 
 from selfsup import checkpoint as ckpt
 from selfsup.config import RecipeError
@@ -36,6 +34,7 @@ from selfsup_io.progress import Progress
 from selfsup_io.tracking import TrackerError, check_trackers
 from selfsup.monitor import Monitor
 from selfsup.objectives import build_objective
+from selfsup.optim import create_optimizer
 from selfsup.schedules import ema_update, lr_scheduler, scaled_lr, set_weight_decay
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint written, start me again"
@@ -92,16 +91,7 @@ def build_model(cfg, acc: Accelerator):
         backbone.register_forward_pre_hook(
             lambda m, args: (args[0].contiguous(memory_format=torch.channels_last),) + args[1:])
     if cfg.model.compile:
-        entry = objective.backbone_entry
-        if entry is None:
-            warnings.warn(f"model.compile=true has no effect with objective {objective.name!r}: it "
-                          "runs the backbone's blocks itself, not a compilable backbone method")
-        else:
-            for net in objective.backbones():
-                if entry == "forward":
-                    net.compile()
-                else:
-                    setattr(net, entry, torch.compile(getattr(net, entry)))
+        objective.compile_step()  # the backbone's entry method, or what the objective says
     if acc.num_processes > 1 and acc.device.type == "cuda" and any(
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in objective.modules()):
         objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
@@ -135,9 +125,7 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * steps_per_epoch))
         oc = cfg.optim
         lr = scaled_lr(oc.lr, self.global_batch, oc.lr_scaling)
-        opt_kwargs = {"momentum": oc.momentum} if oc.name in ("sgd", "momentum", "lars", "nesterov") else {}
-        optimizer = create_optimizer_v2(objective, opt=oc.name, lr=lr, weight_decay=oc.weight_decay,
-                                        **opt_kwargs)
+        optimizer = create_optimizer(objective, oc, lr, acc.device)  # fused/foreach updates
         warmup = round(oc.warmup_epochs * steps_per_epoch)
         self.scheduler = lr_scheduler(optimizer, self.total_steps, warmup, oc.warmup_lr, oc.min_lr)
         self.model, self.optimizer = acc.prepare(objective, optimizer)

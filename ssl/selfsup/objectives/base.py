@@ -43,9 +43,9 @@ class Objective(nn.Module):
     Config: type = ObjectiveConfig
     name: str = "base"
     export_pool: str = "head"  # how selfsup-eval pools the exported backbone (docs/formats.md)
-    # the backbone method the objective calls, which ``model.compile`` compiles; None when the
-    # objective runs the backbone's pieces itself (I-JEPA's masked encoder), so compiling the
-    # backbone would change nothing and the trainer says so instead of pretending
+    # the backbone method the objective calls, which the default ``compile_step`` compiles; None
+    # when the objective runs the backbone's pieces itself (I-JEPA's masked encoder), where
+    # compiling the backbone would change nothing: such an objective overrides ``compile_step``
     backbone_entry: str | None = "forward"
 
     def __init__(self, cfg, backbone: nn.Module):
@@ -86,6 +86,18 @@ class Objective(nn.Module):
         """Every copy of the backbone the step runs through ``backbone_entry``: ``model.compile``
         compiles each (MoCo's key encoder is a copy made before compiling, so it is listed)."""
         return [self.backbone]
+
+    def compile_step(self) -> None:
+        """``model.compile``: ``torch.compile`` what the step runs. By default the
+        ``backbone_entry`` method of every copy in :meth:`backbones` (the heads and losses are
+        small next to the backbone); compilation itself happens lazily, at the first step."""
+        if self.backbone_entry is None:
+            raise NotImplementedError(f"objective {self.name!r} must override compile_step")
+        for net in self.backbones():
+            if self.backbone_entry == "forward":
+                net.compile()
+            else:
+                setattr(net, self.backbone_entry, torch.compile(getattr(net, self.backbone_entry)))
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """``(online, target)`` module pairs the trainer updates by EMA after each optimizer

@@ -40,7 +40,7 @@ from lightly.models.modules import IJEPAPredictorTIMM, MaskedVisionTransformerTI
 from lightly.models.utils import apply_masks, deactivate_requires_grad, repeat_interleave_batch
 from timm.models.vision_transformer import VisionTransformer
 
-from selfsup.augment import BatchAugment
+from selfsup.augment import BatchAugment, to_device_async
 from selfsup.views import ViewSpec
 from selfsup.errors import RecipeError
 from selfsup.objectives.base import Objective, register
@@ -67,7 +67,7 @@ def _check_range(name: str, lo_hi, lo: float, hi: float) -> tuple[float, float]:
 @register("ijepa")
 class IJEPA(Objective):
     export_pool = "mean_patch"
-    backbone_entry = None  # lightly's masked encoder calls the ViT's blocks, not its forward
+    backbone_entry = None  # lightly's masked encoder calls the ViT's blocks: compile_step below
 
     @dataclass
     class Config:
@@ -113,6 +113,8 @@ class IJEPA(Objective):
         deactivate_requires_grad(self.target)
         self.size_seed = int(cfg.run.seed) * 1_000_003
         self.register_counter("mask_calls")  # checkpointed
+        self._mse = oc.loss == "mse"  # read once: a traced step should not walk the OmegaConf tree
+        self._compiled_loss = None
 
     @property
     def backbone(self) -> VisionTransformer:
@@ -174,16 +176,31 @@ class IJEPA(Objective):
         z = torch.cat([self.encoder.encode(images, idx_keep=m) for m in context])
         return self.predictor(z, context, targets)
 
-    def loss_from_masks(self, images, context, targets):
+    def _loss(self, images, context, targets):
+        """Loss and the predictions' mean per-dimension std (a collapse indicator), the part of
+        the step that ``model.compile`` compiles: target encoder, context encoder, predictor."""
         h = self.targets(images, targets, repeat=len(context))
         z = self.predict(images, context, targets).float()
-        if self.cfg.objective.loss == "mse":
-            loss = F.mse_loss(z, h)
+        loss = F.mse_loss(z, h) if self._mse else F.smooth_l1_loss(z, h)
+        return loss, z.detach().std(0).mean()
+
+    def compile_step(self) -> None:
+        """``model.compile``: the encoders and the predictor, compiled as one graph around
+        :meth:`_loss` (lightly's masked encoder runs the ViT's blocks itself, so compiling the
+        backbone's ``forward`` changed nothing). The mask lengths change from batch to batch; they
+        are marked dynamic (:meth:`loss_from_masks`), so one graph serves every length instead of
+        a recompile per batch, and the masks stay exactly those drawn."""
+        self._compiled_loss = torch.compile(self._loss)
+
+    def loss_from_masks(self, images, context, targets):
+        if self._compiled_loss is None:
+            loss, pred_std = self._loss(images, context, targets)
         else:
-            loss = F.smooth_l1_loss(z, h)
-        with torch.no_grad():
-            metrics = {"context_len": float(context[0].shape[1]), "target_len": float(targets[0].shape[1]),
-                       "pred_std": z.std(0).mean(), "mask_relaxed": float(self.masks.relaxed)}
+            for m in (*context, *targets):  # (B, K): K symbolic from the first call on
+                torch._dynamo.maybe_mark_dynamic(m, 1)
+            loss, pred_std = self._compiled_loss(images, context, targets)
+        metrics = {"context_len": float(context[0].shape[1]), "target_len": float(targets[0].shape[1]),
+                   "pred_std": pred_std, "mask_relaxed": float(self.masks.relaxed)}
         return loss, metrics
 
     def views(self) -> list[ViewSpec]:
@@ -193,6 +210,9 @@ class IJEPA(Objective):
     def forward(self, batch, generator):
         images = self.augment(batch["image"][:, 0], generator)
         context, targets = self.sample_masks(len(images), generator)
-        context = [m.to(images.device, non_blocking=True) for m in context]
-        targets = [m.to(images.device, non_blocking=True) for m in targets]
+        # one pinned, non_blocking copy for all the masks: no host sync, one copy instead of five
+        flat = torch.cat([m.flatten() for m in (*context, *targets)])
+        masks = [m.view(len(images), -1) for m in to_device_async(flat, images.device).split(
+            [m.numel() for m in (*context, *targets)])]
+        context, targets = masks[:len(context)], masks[len(context):]
         return self.loss_from_masks(images, context, targets)

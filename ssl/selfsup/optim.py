@@ -1,0 +1,40 @@
+"""The recipe's optimizer, with the fastest update implementation its class offers on the device.
+
+timm's ``create_optimizer_v2`` builds the optimizer (parameter groups without weight decay for
+biases and norms, LARS, ...). What it leaves to the caller is the implementation of the update:
+a per-parameter Python loop launches a handful of small kernels per tensor, which for a ViT-B
+(~150 tensors) is several hundred launches, each with its Python dispatch, per step. PyTorch's SGD/Adam/AdamW have a
+``fused`` CUDA kernel (one launch per group of tensors); the others (timm's LARS, LAMB) a
+``foreach`` multi-tensor path. On the CPU the ``foreach`` path is kept too: it produces the same
+update, with less Python per tensor (bench/host_overhead.py measures the host time per step).
+The trainer and ``bench/gpu.py`` both build their optimizer here, so a benchmark measures what a
+run trains with.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from timm.optim import create_optimizer_v2, get_optimizer_class
+
+MOMENTUM_OPTIMIZERS = ("sgd", "momentum", "lars", "nesterov")
+
+
+def update_kwargs(name: str, device: torch.device) -> dict:
+    """``{"fused": True}`` where the optimizer class has a fused kernel for ``device`` (CUDA),
+    else ``{"foreach": True}`` where it has a multi-tensor path, else nothing."""
+    accepted = inspect.signature(get_optimizer_class(name, bind_defaults=False).__init__).parameters
+    if torch.device(device).type == "cuda" and "fused" in accepted:
+        return {"fused": True}
+    if "foreach" in accepted:
+        return {"foreach": True}
+    return {}
+
+
+def create_optimizer(model: torch.nn.Module, optim_cfg, lr: float, device) -> torch.optim.Optimizer:
+    """The recipe's ``optim`` section for ``model``'s parameters on ``device`` (timm's names)."""
+    kwargs = {"momentum": optim_cfg.momentum} if optim_cfg.name in MOMENTUM_OPTIMIZERS else {}
+    kwargs.update(update_kwargs(optim_cfg.name, device))
+    return create_optimizer_v2(model, opt=optim_cfg.name, lr=lr, weight_decay=optim_cfg.weight_decay,
+                               **kwargs)
