@@ -31,6 +31,15 @@ RUN apt-get update \
 # requirements are pyproject.toml's pins and nothing else, so image and venv cannot drift.
 # Two rounds so that the ~4 GB of dependencies form a layer that only pyproject.toml invalidates:
 # first against an empty package skeleton, then the real sources with --no-deps.
+# pip settings for builds behind a mirror or a TLS-intercepting proxy (unset unless passed with
+# --build-arg; an unset ARG is not in the environment): e.g. PIP_CERT=/path/of/a/mounted/CA-bundle,
+# PIP_EXTRA_INDEX_URL=file:///mounted/wheel/index. launch/image.sh passes the caller's through.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
+ARG PIP_TRUSTED_HOST
+
 WORKDIR /opt/selfsup
 COPY pyproject.toml README.md ./
 # hadolint ignore=DL3013

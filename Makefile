@@ -12,7 +12,7 @@ RUN    := runs/demo
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv fmnist shards clean bench
+.PHONY: demo test venv fmnist shards clean bench image image-check
 
 venv: $(STAMP)
 
@@ -49,6 +49,14 @@ demo: shards
 	$(BIN)/selfsup-eval all --baseline raw-pixels $(RUN)/export/backbone.safetensors \
 	  --train $(DATA)/train.json --val $(DATA)/test.json \
 	  --k 20 200 --out $(RUN)/eval
+
+# The container image (docker, else podman), and the check that builds it, trains a tiny recipe in
+# it as its non-root user and evaluates the export on the host (not part of `make test`).
+image:
+	launch/image.sh
+
+image-check: $(STAMP)
+	launch/image_check.sh
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py

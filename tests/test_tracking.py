@@ -60,10 +60,10 @@ def mlflow_metrics(root) -> dict:
     """{run_id: {key: [(step, value)]}} from MLflow's file store."""
     runs = {}
     for metrics in root.glob("*/*/metrics"):
-        runs[metrics.parent.name] = {
-            f.name: [(int(step), float(value)) for _, value, step in
-                     (line.split() for line in f.read_text().splitlines())]
-            for f in metrics.iterdir()}
+        runs[metrics.parent.name] = {  # a metric named a/b is the file metrics/a/b
+            f.relative_to(metrics).as_posix(): [(int(step), float(value)) for _, value, step in
+                                                (line.split() for line in f.read_text().splitlines())]
+            for f in metrics.rglob("*") if f.is_file()}
     return runs
 
 
@@ -73,7 +73,7 @@ def test_trackers_receive_the_jsonl_metrics_and_a_resume_continues_their_runs(tm
     common = [TINY, f"data.train={shards}", f"run.dir={run}", "train.log_every=1",
               "log.trackers=[wandb,mlflow,tensorboard]", "log.project=selfsup-test"]
     assert train_main(common + ["train.max_steps=2"]) == 0
-    assert train_main(common + ["train.max_steps=4", "resume=auto"]) == 0
+    assert train_main(["--accept-changes", *common, "train.max_steps=4", "resume=auto"]) == 0
     records = jsonl(run)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
 
@@ -131,3 +131,28 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path, shards, capsys, monke
     assert rc == 2 and err[-1].startswith("selfsup-train: error: log.trackers: mlflow did not start:")
     assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "run" / "export").exists()  # stopped before the first step
+
+
+def test_selfsup_eval_logs_its_table_to_the_trackers(tmp_path, tracker_env, capsys):
+    from selfsup_eval.cli import main as eval_main
+
+    shards = write_shards(tmp_path / "s", n=32)
+    val = write_shards(tmp_path / "s", n=16, split="val", seed=1)
+    run = tmp_path / "run"
+    assert train_main([TINY, f"data.train={shards}", f"run.dir={run}", "train.max_steps=2"]) == 0
+    out = tmp_path / "eval"
+    assert eval_main(["all", str(run / "export" / "backbone.safetensors"), "--train", str(shards),
+                      "--val", str(val), "--k", "3", "5", "--no-cache", "--out", str(out),
+                      "--baseline", "raw-pixels", "--trackers", "mlflow"]) == 0
+    records = {r["name"]: r for r in json.loads((out / "results.json").read_text())}
+    (runs,) = mlflow_metrics(tracker_env).values()
+    trained = next(r for r in records.values() if not r["baseline"])
+    assert runs["knn/k5"] == [(2, pytest.approx(trained["knn"]["k=5"], rel=1e-6))]
+    assert runs["knn_top5/k3"] == [(2, pytest.approx(trained["knn_top5"]["k=3"], rel=1e-6))]
+    assert runs["linear/top1"] == [(2, pytest.approx(trained["linear"]["top1"], rel=1e-6))]
+    raw = records["raw-pixels"]
+    assert runs["baseline/raw-pixels/knn/k3"] == [(0, pytest.approx(raw["knn"]["k=3"], rel=1e-6))]
+    capsys.readouterr()
+    assert eval_main(["knn", str(run / "export" / "backbone.safetensors"), "--train", str(shards),
+                      "--val", str(val), "--trackers", "wandbb", "--out", str(out)]) == 2
+    assert "--trackers: unknown tracker 'wandbb'" in capsys.readouterr().err

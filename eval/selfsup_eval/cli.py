@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-size", type=int, default=None, metavar="N",
                    help="raw-pixels: resize + centre-crop to N (default: native size)")
     p.add_argument("--out", metavar="DIR", help="write results.json, results.csv, accuracy_vs_step.png")
+    p.add_argument("--trackers", nargs="+", default=[], metavar="NAME",
+                   help="also log the results to these trackers (accelerate's names: tensorboard, "
+                        "wandb, mlflow...), one tracker run per call; needs --out (their local files)")
+    p.add_argument("--project", default="selfsup", help="the trackers' project / experiment name")
     p.add_argument("--cache-dir", default=None,
                    help="feature cache (default $SELFSUP_EVAL_CACHE or ~/.cache/selfsup-eval)")
     p.add_argument("--no-cache", action="store_true", help="extract without reading or writing the cache")
@@ -127,6 +131,15 @@ def parse(argv):
         p.error("--subsets must be at least 1")
     if not args.knn_loss >= 0:
         p.error("--knn-loss must be 0 (off) or positive")
+    if args.trackers:
+        if not args.out:
+            p.error("--trackers needs --out: the trackers keep their local files there")
+        from selfsup_io.tracking import TrackerError, check_trackers
+
+        try:  # before any extraction: a missing package is one line at once
+            args.trackers = check_trackers(args.trackers, "--trackers")
+        except TrackerError as e:
+            p.error(str(e))
     return args
 
 
@@ -289,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.out:
                 report.write(args.out, records)
                 print(f"results: {os.path.join(args.out, 'results.json')}")
+            if args.trackers:
+                report.to_trackers(records, args)
         ok = True
         return 0
     except (ValueError, OSError) as e:  # EvalError, ShardSpecError, unwritable --out, ...

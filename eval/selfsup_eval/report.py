@@ -174,3 +174,41 @@ def plot(path: Path, curves: dict[str, list[dict]], baselines: list[dict]) -> No
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
+
+
+def tracker_metrics(record: dict) -> dict[str, float]:
+    """A results.json record as flat tracker metrics: ``knn/k20``, ``linear/top1``... (only
+    letters, digits, ``_ - . /``: MLflow refuses other characters in metric names)."""
+    out = {}
+
+    def walk(value, key):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}/{k}" if key else str(k))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out["".join(c for c in key if c.isalnum() or c in "_-./")] = value
+
+    for section in ("knn", "knn_top5", "linear", "knn_linear", "lowshot"):
+        if section in record:
+            walk(record[section], section)
+    return out
+
+
+def to_trackers(records: list[dict], args) -> None:
+    """Log each checkpoint's results at its training step (baselines under ``baseline/NAME/``)
+    to the trackers of ``--trackers``, in one tracker run named after ``--out``."""
+    from selfsup_io.tracking import Trackers
+
+    out = Path(args.out)
+    trackers = Trackers(args.trackers, out, args.project, f"eval-{out.resolve().name}",
+                        config={"train": args.train, "val": args.val,
+                                "checkpoints": [r["name"] for r in records]}, key="--trackers")
+    try:
+        for r in records:
+            metrics = tracker_metrics(r)
+            if r.get("baseline"):
+                metrics = {f"baseline/{r['name']}/{k}": v for k, v in metrics.items()}
+            trackers.log(metrics, step=int(r.get("step") or 0))
+    finally:
+        trackers.finish()
+
