@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from selfsup_eval.knn import knn_classify
+from selfsup_io.knn import knn_classify
 
 
 def cpu_name() -> str:

@@ -16,7 +16,7 @@ from selfsup.models import create_backbone
 from selfsup_eval import features as feat_mod
 from selfsup_eval.checkpoint import load_backbone
 from selfsup_eval.cli import main
-from selfsup_eval.knn import knn_classify, topk_accuracy
+from selfsup_io.knn import knn_classify, topk_accuracy
 from selfsup_eval.linear import linear_probe
 
 

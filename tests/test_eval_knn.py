@@ -1,4 +1,4 @@
-"""selfsup_eval.knn against an obviously-correct loop and against scikit-learn."""
+"""selfsup_io.knn against an obviously-correct loop and against scikit-learn."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup_eval.knn import knn_accuracy, knn_classify, topk_accuracy
+from selfsup_io.knn import knn_accuracy, knn_classify, topk_accuracy
 from test_eval_fixtures import clustered
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfsup_eval.knn import knn_classify
+from selfsup_io.knn import knn_classify
 from selfsup_eval.knn_linear import (combine, knn_linear, knn_loss_weights, knn_probs, neighbours, tune)
 from selfsup_eval.linear import fit_probe, loss_and_grad
 from test_eval_fixtures import clustered

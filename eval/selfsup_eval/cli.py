@@ -10,7 +10,7 @@ Protocol (printed as one line with the table, as DINO's eval scripts do): frozen
 mode; decode, resize the shorter side to the checkpoint's input size and centre-crop it (exact
 no-op at that size), [0, 1], the checkpoint's mean/std, its pooling; bf16 autocast on GPU, fp32
 on CPU; features extracted once per (checkpoint, shards, transform) and cached, so ``all``, a
-second k or a rerun cost no extraction. k-NN: :mod:`selfsup_eval.knn`; linear probe:
+second k or a rerun cost no extraction. k-NN: :mod:`selfsup_io.knn`; linear probe:
 :mod:`selfsup_eval.linear` (the cached-feature protocol, no augmentation).
 
 Runs under ``torchrun`` / ``accelerate launch``: extraction is split across processes and

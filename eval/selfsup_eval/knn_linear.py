@@ -21,7 +21,7 @@ official code (KMnP/nn-revisit) does it; docs/methods.md §6.4 says it in the pr
 Grids (theirs): T ∈ {1e-4, 1e-3, 1e-2, 0.1, 1, 10, 0.02…0.09, 0.2…0.9}, λ ∈ {0.05, 0.10, …, 0.95},
 k ∈ {1, 2, 4, …, 512} plus the mean number of images per class. Departures: their k-NN
 centres features with the train mean and uses squared L2 distance; here the k-NN is the project's
-(cosine on L2-normalised features, :mod:`selfsup_eval.knn`), so the k-NN column and the k-NN half
+(cosine on L2-normalised features, :mod:`selfsup_io.knn`), so the k-NN column and the k-NN half
 of the combination are one classifier (on unit vectors −‖q−x‖² = 2s − 2, i.e. their vote at T is
 this one at T/2, up to the centring). Their grid caps k at the number of classes (a quirk that
 leaves 10-class problems k ≤ 10); here k is capped by the datastore size only. With no held-out

@@ -25,7 +25,7 @@ import hashlib
 import torch
 
 from selfsup_eval.checkpoint import EvalError
-from selfsup_eval.knn import knn_classify, topk_accuracy
+from selfsup_io.knn import knn_classify, topk_accuracy
 from selfsup_eval.knn_linear import knn_linear
 from selfsup_eval.linear import fit_probe
 

@@ -11,7 +11,7 @@ One place decides which protocol runs in which mode, so the CLI stays about inpu
 
 from __future__ import annotations
 
-from selfsup_eval.knn import knn_classify, topk_accuracy
+from selfsup_io.knn import knn_classify, topk_accuracy
 from selfsup_eval.knn_linear import knn_linear
 from selfsup_eval.linear import linear_probe
 from selfsup_eval.lowshot import lowshot, protocols

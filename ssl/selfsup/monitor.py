@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from selfsup.data import DataError, ShardLoader
 from selfsup_io.shards import resolve_shards
 from selfsup.views import ViewSpec
+from selfsup_io.knn import knn_classify
 
 
 def collapse_metrics(features: torch.Tensor) -> dict[str, float]:
@@ -82,8 +83,6 @@ class Monitor:
         return torch.cat(out)
 
     def run(self, backbone: torch.nn.Module) -> dict[str, float]:
-        from selfsup_eval.knn import knn_classify
-
         mc = self.cfg.monitor
         train_x, train_y = self._images(self.train_spec, "monitor.train", ("train",))
         val_x, val_y = self._images(self.val_spec, "monitor.val", ("val", "test"))

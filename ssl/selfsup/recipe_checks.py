@@ -122,7 +122,7 @@ def problems(cfg) -> list[str]:
 
 def check_values(cfg) -> None:
     """Raise :class:`selfsup.config.RecipeError` naming the first bad value (and how many more)."""
-    from selfsup.config import RecipeError
+    from selfsup.errors import RecipeError
 
     found = problems(cfg)
     if found:

@@ -3,7 +3,8 @@
 Protocol: features are L2-normalised, similarity is the cosine ``s``; each of the k nearest
 training samples votes for its class with weight ``exp(s / T)`` (T = 0.07 by default); classes
 are ranked by their summed votes. The trainer's online monitor calls :func:`knn_classify` too,
-so the monitor's and ``selfsup-eval``'s numbers come from the same code.
+so the monitor's and ``selfsup-eval``'s numbers come from the same code: that is why it lives in
+``selfsup_io``, which both packages import and which imports neither.
 
 Why it looks the way it does:
 
