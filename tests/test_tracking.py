@@ -152,7 +152,7 @@ def test_selfsup_eval_logs_its_table_to_the_trackers(tmp_path, tracker_env, caps
     assert runs["linear/top1"] == [(2, pytest.approx(trained["linear"]["top1"], rel=1e-6))]
     raw = records["raw-pixels"]
     assert runs["baseline/raw-pixels/knn/k3"] == [(0, pytest.approx(raw["knn"]["k=3"], rel=1e-6))]
-    capsys.readouterr()
+    assert "\r" not in capsys.readouterr().err  # selfsup-eval's progress without a terminal
     assert eval_main(["knn", str(run / "export" / "backbone.safetensors"), "--train", str(shards),
                       "--val", str(val), "--trackers", "wandbb", "--out", str(out)]) == 2
     assert "--trackers: unknown tracker 'wandbb'" in capsys.readouterr().err
