@@ -1,5 +1,6 @@
 """The Hallucinator (docs/methods.md §5, §7): extrapolation, generator training, doubled batch, the
-masked SimCLR variant against an explicit loop, keys enqueued once, recipes end to end."""
+published SimCLR and MoCo variants against the authors' formulas written out, the masked SimCLR
+variant against an explicit loop, keys enqueued once or twice, recipes end to end."""
 
 import pytest
 import torch
@@ -109,20 +110,93 @@ def masked_loop(q, h, k, loss, tau=0.2):
     return total / (4 * b)
 
 
-@pytest.mark.parametrize("loss", ["infonce", "dcl"])
-def test_simclr_variant_masks_same_instance_entries(loss):
-    obj = build(f"objective.loss={loss}", *ON)
-    v0, v1 = views()
-    lam = obj.hallucinator.draw_lambda(torch.Generator().manual_seed(4))
+def hallucinated(obj, v0, v1, seed):
+    """q, h, k as the objective makes them, λ drawn as forward draws it from ``seed``."""
+    lam = obj.hallucinator.draw_lambda(torch.Generator().manual_seed(seed))
     z0, z1 = obj.embed(torch.cat([v0, v1])).chunk(2)
-    h = obj.hallucinator.mlp(torch.cat([z0, extrapolate(z0, z1, lam)], dim=1))
-    expected = masked_loop(z0, h, z1, loss)
+    return z0, obj.hallucinator.mlp(torch.cat([z0, extrapolate(z0, z1, lam)], dim=1)), z1
+
+
+def official_nt_xent(feat1, feat2, tau):
+    """The authors' NT_Xent (losses/NT_Xent.py, temperature = base_temperature), written out:
+    rows [feat1; feat2] normalised, row r's positive is r ± n, every other row but r itself is in
+    its denominator."""
+    n = len(feat1)
+    f = F.normalize(torch.cat([feat1, feat2]), dim=1)
+    logits = f @ f.T / tau
+    neg_mask = ~torch.eye(2 * n, dtype=torch.bool)
+    pos_mask = torch.zeros(2 * n, 2 * n, dtype=torch.bool)
+    pos_mask[:n, n:] = torch.eye(n, dtype=torch.bool)
+    pos_mask[n:, :n] = torch.eye(n, dtype=torch.bool)
+    log_prob = logits[pos_mask] - torch.log(torch.exp(logits)[neg_mask].view(2 * n, -1).sum(1))
+    return -log_prob.mean()
+
+
+def test_simclr_default_is_the_published_nt_xent_over_q_h_against_k_k():
+    """The authors' SimCLR path: the model returns [q; h; k; k], the loss is NT_Xent([q; h], [k; k])."""
+    obj = build("objective.loss=infonce", *ON)
+    v0, v1 = views()
+    q, h, k = hallucinated(obj, v0, v1, seed=4)
+    expected = official_nt_xent(torch.cat([q, h]), torch.cat([k, k]), 0.2)
     got, _ = obj({"views": [v0, v1]}, torch.Generator().manual_seed(4))
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    # the official quirk, NT-Xent over [q; h] vs [k; k] with h_i and k_i's copy as negatives of
-    # q_i, is another loss: the masks matter
-    quirk = simclr.contrastive_loss(torch.cat([z0, h]), torch.cat([z1, z1]), loss, 0.2)
-    assert abs(quirk.item() - got.item()) > 1e-2
+    # the masked variant is another loss: the masks matter
+    masked = masked_loop(q, h, k, "infonce")
+    assert abs(masked.item() - got.item()) > 1e-2
+
+
+def published_dcl_loop(q, h, k, tau=0.2):
+    """DCL over the published rows: every row but itself and its positive is a negative."""
+    rows = F.normalize(torch.cat([q, h, k, k]), dim=1)
+    n2 = 2 * len(q)
+    total = 0
+    for r in range(2 * n2):
+        partner = (r + n2) % (2 * n2)
+        others = [j for j in range(2 * n2) if j not in (r, partner)]
+        total = total - rows[r] @ rows[partner] / tau + torch.logsumexp(rows[others] @ rows[r] / tau, 0)
+    return total / (2 * n2)
+
+
+def test_simclr_published_variant_with_dcl():
+    obj = build("objective.loss=dcl", *ON)
+    v0, v1 = views()
+    got, _ = obj({"views": [v0, v1]}, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, published_dcl_loop(*hallucinated(obj, v0, v1, seed=5)),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["infonce", "dcl"])
+def test_simclr_mask_same_image_masks_same_instance_entries(loss):
+    obj = build(f"objective.loss={loss}", *ON, "objective.hallucinator.mask_same_image=true")
+    v0, v1 = views()
+    q, h, k = hallucinated(obj, v0, v1, seed=4)
+    got, _ = obj({"views": [v0, v1]}, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(got, masked_loop(q, h, k, loss), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_moco_variant_is_the_official_formula(twice):
+    """The authors' models/moco.py with the generator on, written out: q raw from the query head,
+    k normalised from the key encoder, [q; G(q, k, λ)] normalised, logits [q·k | q·queue]/T over
+    the doubled batch with keys [k; k], cross-entropy with label 0. Their code enqueues [k; k]
+    (``enqueue_twice``); selfsup's default enqueues k once."""
+    obj = build(*MOCO_OBJ, *ON, "objective.loss=infonce", f"objective.hallucinator.enqueue_twice={twice}")
+    v0, v1 = views()
+    queue = obj.queue.clone()
+    lam = obj.hallucinator.draw_lambda(torch.Generator().manual_seed(6))
+    q = obj.head(obj.backbone(v0))
+    with torch.no_grad():
+        k = F.normalize(obj.head_key(obj.backbone_key(v1)), dim=1)
+    out = torch.cat([q, obj.hallucinator.mlp(torch.cat([q, (1 + lam) * q - lam * k], dim=1))])
+    out, k2 = F.normalize(out, dim=1), torch.cat([k, k])
+    logits = torch.cat([(out * k2).sum(1, keepdim=True), out @ queue.T], dim=1) / 0.2
+    expected = F.cross_entropy(logits, torch.zeros(len(out), dtype=torch.long))
+    got, _ = obj({"views": [v0, v1]}, torch.Generator().manual_seed(6))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    n = 12 if twice else 6
+    assert obj.queue_ptr.item() == n
+    torch.testing.assert_close(obj.queue[:n], k2[:n], rtol=0, atol=1e-14)
+    assert torch.equal(obj.queue[n:], queue[n:])
 
 
 def test_two_processes_give_the_gradients_of_one():

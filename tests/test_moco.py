@@ -139,7 +139,7 @@ def test_resume_restores_the_queue_exactly(tmp_path, shards):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["objective.queue_size=8"], "objective.queue_size=8 is smaller than the global batch (16)"),
+    (["objective.queue_size=8"], "objective.queue_size=8 is smaller than the 16 keys enqueued every step"),
     (["objective.momentum=1.5"], "objective.momentum must be in [0, 1]"),
     (["objective.temperature=0"], "objective.temperature must be > 0"),
     (["objective.loss=ntxent"], "objective.loss must be one of infonce, dcl, dclw"),

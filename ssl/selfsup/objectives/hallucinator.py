@@ -15,17 +15,19 @@ raw projections (MoCo: raw q, normalised k; SimCLR: both raw, k not detached); t
 afterwards. λ comes from the ``generator`` the trainer passes to ``forward`` (checkpointed), so it
 is drawn per process per step; with ``λmax = 0`` (or λ = 0) ĥ = q exactly.
 
-Variant followed (the official code's quirks, docs/methods.md §5.2, and why we depart from them):
+Variants (the official code's quirks, docs/methods.md §5.2; each switchable from the recipe):
 
-* **MoCo: keys are enqueued once, not twice.** The official code enqueues the duplicated 2B keys,
-  which only repeats every negative and forces K to be divisible by 2·B (its own configs violate
-  that). Enqueueing B keys leaves the queue exactly as in plain MoCo, so switching the
-  Hallucinator on changes only the positives.
-* **SimCLR: same-instance entries are masked.** The official NT-Xent over ``[q; h]`` vs
-  ``[k; k]`` makes q_i see h_i and the copy of k_i as *negatives* (and each k_i its own duplicate,
-  a constant exp(1/τ) in its denominator). We give every row the image's instance id and drop all
-  entries of the same image from the negatives (``selfsup.losses.pair_similarities``), keeping
-  only the designated positive; this is the "cleaner spec" of docs/methods.md §5.5.4.
+* **SimCLR: the published loss is the default** (``mask_same_image: false``). The official code
+  computes plain NT-Xent over queries ``[q; h]`` against keys ``[k; k]``, masking only each row
+  itself, so q_i sees h_i and the second copy of k_i as *negatives* (and each k_i its own
+  duplicate). ``mask_same_image: true`` is selfsup's earlier variant: every row carries its
+  image's id and all entries of the same image leave the negatives, keeping only the designated
+  positive (``selfsup.losses.pair_similarities``; docs/methods.md §5.5.4).
+* **MoCo: keys are enqueued once** (``enqueue_twice: false``, a departure). The official code
+  enqueues the duplicated 2B keys, which repeats every negative in the queue (half as many
+  distinct negatives for the same K) and forces K to be a multiple of 2·B. Enqueueing B keys
+  leaves the queue exactly as in plain MoCo, so switching the Hallucinator on changes only the
+  positives; ``enqueue_twice: true`` is the published behaviour.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class HallucinatorConfig:
     enabled: bool = False
     lambda_max: float = 0.1  # λ ~ U(0, lambda_max) per step
     hidden_dim: Optional[int] = None  # generator width; None: 2 × the projection dim (official)
+    # SimCLR: false = the published NT-Xent over [q; h] vs [k; k] (an image's other rows are
+    # negatives); true = selfsup's variant, every row of the same image masked from the negatives
+    mask_same_image: bool = False
+    # MoCo: false = each key enqueued once (selfsup); true = the duplicated keys [k; k] (published)
+    enqueue_twice: bool = False
 
 
 def check_hallucinator(cfg: HallucinatorConfig) -> None:

@@ -76,9 +76,11 @@ class MoCo(Objective):
         if not 0.0 <= oc.momentum <= 1.0:
             raise RecipeError(f"objective.momentum must be in [0, 1], not {oc.momentum}")
         global_batch = cfg.train.batch_size * dist.world_size()
+        if oc.hallucinator.enabled and oc.hallucinator.enqueue_twice:
+            global_batch *= 2  # [k; k] enqueued
         if oc.queue_size < global_batch:
-            raise RecipeError(f"objective.queue_size={oc.queue_size} is smaller than the global batch "
-                              f"({global_batch}) enqueued every step")
+            raise RecipeError(f"objective.queue_size={oc.queue_size} is smaller than the "
+                              f"{global_batch} keys enqueued every step")
         check_mochi(oc.mochi, oc.queue_size, "queue entries")
         check_hallucinator(oc.hallucinator)
         self.augment = BatchAugment.from_config(cfg.augment)
@@ -146,7 +148,8 @@ class MoCo(Objective):
                 extra, mixed = self.mixer.extra_similarities(qn, queue, neg, generator)
                 metrics["mochi_hard_sim"] = neg.detach().gather(1, mixed.hard).mean()
             loss = contrastive_logits_loss(pos, neg, extra, oc.loss, oc.temperature, oc.sigma)
-        self.enqueue(k)
+        # the Hallucinator's published variant enqueues the duplicated keys [k; k]
+        self.enqueue(torch.cat([k, k]) if self.hallucinator is not None and oc.hallucinator.enqueue_twice else k)
         with torch.no_grad():
             metrics.update(pos_sim=pos[: len(q)].mean(), neg_sim=neg[: len(q)].mean(),
                            z_std=qn[: len(q)].std(0).mean())

@@ -112,13 +112,15 @@ class SimCLR(Objective):
 
     def composed_loss(self, z0, z1, generator, epoch, metrics) -> torch.Tensor:
         """The same loss through the similarity-level path, with hallucinated positives (queries
-        ``[z0; h]``, keys ``[z1; z1]``, an image's rows never its own negatives) and/or mixed hard
-        negatives as extra per-anchor logits."""
+        ``[z0; h]``, keys ``[z1; z1]``: the published NT-Xent over those rows, or with
+        ``hallucinator.mask_same_image`` an image's other rows never its negatives) and/or mixed
+        hard negatives as extra per-anchor logits."""
         oc = self.cfg.objective
-        instance = None
+        instance = None  # each row its own id: only the anchor itself and its positive masked
         if self.hallucinator is not None:
             h, metrics["halluc_lambda"] = self.hallucinator(z0, z1, generator)
-            instance = torch.arange(len(z0), device=z0.device).repeat(2)
+            if oc.hallucinator.mask_same_image:
+                instance = torch.arange(len(z0), device=z0.device).repeat(2)
             z0, z1 = torch.cat([z0, h]), torch.cat([z1, z1])
         anchors, pos, neg, pool = pair_similarities(z0, z1, instance, gather_distributed=True)
         extra = None
