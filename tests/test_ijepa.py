@@ -116,7 +116,7 @@ def test_target_encoder_gets_no_gradient_and_moves_only_by_the_trainers_ema():
                   torch.Generator().manual_seed(0))
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in obj.target.parameters())
-    assert obj.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert obj.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert all(torch.equal(before[k], v) for k, v in obj.target.state_dict().items())
     with torch.no_grad():
         for p in obj.encoder.parameters():
@@ -162,9 +162,40 @@ def test_targets_are_layer_normed_and_predictions_have_the_papers_shape():
 
 def test_backbone_is_one_module_saved_once_and_exported_as_mean_of_patch_tokens():
     obj = build()
-    assert obj.backbone is obj.encoder.vit and obj.export_pool == "mean_patch"
+    # the paper evaluates the target (EMA) encoder: exported and monitored by default
+    assert obj.backbone is obj.target.vit and obj.export_pool == "mean_patch"
+    context = build("objective.export=context")
+    assert context.backbone is context.encoder.vit
     assert not any(k.startswith("backbone.") for k in obj.state_dict())
-    assert not obj.backbone.pos_embed.requires_grad  # fixed sin-cos, as the official encoder
+    assert not obj.encoder.vit.pos_embed.requires_grad  # fixed sin-cos, as the official encoder
+
+
+def trunc_normal_like(w: torch.Tensor, std: float = 0.02) -> bool:
+    """A draw of N(0, std) truncated at ±2 (absolute): its sample std within 15 % of std."""
+    return abs(w.std().item() / std - 1) < 0.15 and w.abs().max().item() <= 2
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_predictor_and_encoder_are_initialised_as_the_official_code(rescale):
+    """Official ``init_model``: every Linear truncated normal σ 0.02 with zero bias, LayerNorm
+    1 / 0, the predictor's mask token truncated normal σ 0.02; lightly's predictor keeps PyTorch's
+    Linear init (σ ≈ 0.1 here, biases non-zero) and a zero mask token. ``fix_init_weight``'s
+    √(2ℓ) rescaling is undone by the official ``init_model``; ``rescale_init`` applies it."""
+    obj = build(f"objective.rescale_init={rescale}")
+    pred = obj.predictor
+    linears = [m for m in pred.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 6  # embed, qkv, proj, fc1, fc2, out
+    for m in linears:
+        assert not m.bias.any()
+        rescaled = rescale and (m is pred.decoder.blocks[0].attn.proj or m is pred.decoder.blocks[0].mlp.fc2)
+        assert trunc_normal_like(m.weight, 0.02 / (2 ** 0.5 if rescaled else 1)), m
+    norms = [m for m in pred.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(bool((m.weight == 1).all() and (m.bias == 0).all()) for m in norms)
+    assert trunc_normal_like(pred.decoder.mask_token, 0.02)
+    vit = obj.encoder.vit
+    assert trunc_normal_like(vit.patch_embed.proj.weight) and not vit.patch_embed.proj.bias.any()
+    assert trunc_normal_like(vit.blocks[1].attn.proj.weight, 0.02 / (2 if rescale else 1))
+    assert trunc_normal_like(vit.blocks[1].mlp.fc2.weight, 0.02 / (2 if rescale else 1))
 
 
 # ---------------------------------------------------------------------- trainer end to end ----
@@ -189,7 +220,9 @@ def test_resume_restores_target_encoder_masks_and_schedules_exactly(tmp_path, sh
     def log(run):
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
-    assert [r["momentum"] for r in log(full)] == pytest.approx([0.996 + 0.004 * s / 6 for s in range(1, 7)])
+    # the first EMA update uses exactly the start momentum (the official scheduler's first value)
+    assert log(full)[0]["momentum"] == 0.996
+    assert [r["momentum"] for r in log(full)] == pytest.approx([0.996 + 0.004 * s / 6 for s in range(6)])
     assert [r["loss"] for r in log(full)][3:] == [r["loss"] for r in log(half)]
 
 
@@ -214,6 +247,13 @@ def test_ijepa_recipe_trains_and_its_export_evaluates(tmp_path):
     with safe_open(str(tmp_path / "run" / "export" / "backbone.safetensors"), "pt") as f:
         meta = json.loads(f.metadata()["selfsup"])
     assert meta["pool"] == "mean_patch" and meta["objective"] == "ijepa" and meta["input_size"] == 16
+    # the export is the target (EMA) encoder's ViT, not the context encoder's
+    exported = load_file(str(tmp_path / "run" / "export" / "backbone.safetensors"))
+    [ckpt] = (tmp_path / "run" / "checkpoints").iterdir()
+    state = load_file(str(ckpt / "model.safetensors"))
+    name = "blocks.0.attn.qkv.weight"
+    assert torch.equal(exported[name], state[f"target.vit.{name}"])
+    assert not torch.equal(exported[name], state[f"encoder.vit.{name}"])
 
 
 @pytest.mark.parametrize("args,message", [
@@ -221,6 +261,7 @@ def test_ijepa_recipe_trains_and_its_export_evaluates(tmp_path):
     (["model.kwargs.fc_norm=true"], "model.kwargs.fc_norm=false"),
     (["augment.size=32"], "augment.size=32 but the ViT is built for 16 px"),
     (["objective.loss=l1"], "objective.loss must be one of smooth_l1, mse"),
+    (["objective.export=online"], "objective.export must be one of target, context"),
     (["objective.target_scale=[0.3,0.2]"], "objective.target_scale must be [low, high]"),
     (["objective.pred_dim=33"], "objective.pred_dim=33 is not divisible"),
     (["objective.min_keep=12"], "target blocks can be as small as 9 patches on the 8x8 grid"),

@@ -297,8 +297,9 @@ class Trainer:
                 acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            # EMA after optimizer step `step + 1` of total_steps: the last update uses progress 1
-            momentum = self.objective.momentum((step + 1) / self.total_steps)
+            # EMA at the step's progress (as lr and weight decay): the first update uses exactly
+            # the start momentum, as the official schedulers' first value (I-JEPA, BYOL's cosine)
+            momentum = self.objective.momentum(progress)
             for online, target in self.objective.momentum_pairs():
                 ema_update(online, target, momentum)
             self.state["step"] += 1

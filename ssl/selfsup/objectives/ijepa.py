@@ -8,8 +8,8 @@ Pieces, following the official code (``facebookresearch/ijepa``):
   the tokens, where the official encoder has it). lightly's ``MaskedVisionTransformerTIMM`` runs it
   on the kept context tokens only. Positional embeddings are fixed 2-D sin-cos. The target encoder
   is a copy updated only by the trainer's EMA (:meth:`momentum_pairs`), momentum linear
-  0.996 → 1.0 over training (:meth:`momentum`; the trainer passes the progress *after* the step, so
-  the last update uses 1.0).
+  0.996 → 1.0 over training (:meth:`momentum`; the trainer passes the progress *before* the step,
+  so the first update uses exactly 0.996, as the official ``momentum_scheduler``'s first value).
 * **Masks** (:mod:`selfsup.objectives.ijepa_masks`): 4 target blocks of one size per batch, one
   context block without the targets. They are drawn here on the CPU, from the trainer's
   checkpointed per-rank generator (positions) and a generator seeded by ``run.seed`` and a
@@ -20,12 +20,19 @@ Pieces, following the official code (``facebookresearch/ijepa``):
 * **Predictor**: lightly's ``IJEPAPredictorTIMM`` (narrow ViT, mask tokens at the target positions,
   one sequence per target block). Loss: smooth L1 as the official code (``loss: mse`` for the
   paper's squared L2), in fp32.
-* **Init**: timm's truncated-normal init plus the official ``fix_init_weight`` (the output
-  projections of block ℓ divided by √(2ℓ)), in the encoder and the predictor.
+* **Init** (:func:`official_init`), as the official training code leaves the weights: every
+  Linear and the patch-embedding conv truncated normal (σ = 0.02), zero biases, LayerNorms 1 / 0,
+  the predictor's mask token truncated normal (σ = 0.02), in the encoder *and* the predictor
+  (lightly's predictor keeps PyTorch's default Linear init and a zero mask token). The official
+  constructors also divide block ℓ's output projections by √(2ℓ) (``fix_init_weight``), but
+  ``src/helper.py:init_model`` re-draws every Linear afterwards, which undoes it;
+  ``rescale_init: true`` applies the rescaling (selfsup's earlier init).
 
 The optimiser (AdamW, weight decay cosine 0.04 → 0.4 via ``optim.weight_decay_end``, no decay on
-biases and norms) and the lr schedule are the trainer's. The export is the context encoder, pooled
-as the mean of its patch tokens (``pool: mean_patch``).
+biases and norms) and the lr schedule are the trainer's. The export (and the online monitor) is
+the *target* encoder by default, as the paper evaluates ("We use the target-encoder for
+evaluation and average pool its output", Appendix A.1), pooled as the mean of its patch tokens
+(``pool: mean_patch``); ``export: context`` exports the context encoder instead.
 """
 
 from __future__ import annotations
@@ -47,6 +54,21 @@ from selfsup.objectives.base import Objective, register
 from selfsup.objectives.ijepa_masks import MultiBlockMasks
 
 LOSSES = ("smooth_l1", "mse")
+EXPORTS = ("target", "context")
+
+
+def official_init(module: torch.nn.Module, std: float = 0.02) -> None:
+    """The official ``_init_weights`` / ``init_model``: Linear and Conv2d weights truncated normal
+    (σ = ``std``, cut at ±2 absolute as theirs), zero biases, LayerNorm weight 1 and bias 0."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                torch.nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, torch.nn.LayerNorm):
+                torch.nn.init.ones_(m.weight)
+                torch.nn.init.zeros_(m.bias)
 
 
 def fix_init_weight(blocks) -> None:
@@ -85,6 +107,8 @@ class IJEPA(Objective):
         loss: str = "smooth_l1"  # smooth_l1 (official code) | mse (the paper's L2)
         momentum: float = 0.996
         momentum_end: float = 1.0
+        export: str = "target"  # target (EMA; the paper evaluates it) | context: exported, monitored
+        rescale_init: bool = False  # true: block ℓ's output projections / √(2ℓ) (undone officially)
 
     def __init__(self, cfg, backbone):
         super().__init__(cfg, backbone)
@@ -97,7 +121,9 @@ class IJEPA(Objective):
                                          oc.num_context, oc.context_scale, oc.min_keep, oc.allow_overlap)
         except ValueError as e:
             raise RecipeError(f"objective ijepa: {e} (objective.min_keep, objective.target_scale)") from None
-        fix_init_weight(backbone.blocks)
+        official_init(backbone)
+        if oc.rescale_init:
+            fix_init_weight(backbone.blocks)
         # sin-cos positions, fixed as in the official encoder; the unused mask token stays frozen
         self.encoder = MaskedVisionTransformerTIMM(backbone, weight_initialization="skip",
                                                    pos_embed_initialization="sincos")
@@ -108,18 +134,25 @@ class IJEPA(Objective):
         self.predictor = IJEPAPredictorTIMM(num_patches=grid[0] * grid[1], depth=oc.pred_depth,
                                             mlp_dim=backbone.embed_dim,
                                             predictor_embed_dim=oc.pred_dim, num_heads=heads)
-        fix_init_weight(self.predictor.decoder.blocks)
+        official_init(self.predictor)
+        with torch.no_grad():
+            torch.nn.init.trunc_normal_(self.predictor.decoder.mask_token, std=0.02)
+        if oc.rescale_init:
+            fix_init_weight(self.predictor.decoder.blocks)
         self.target = copy.deepcopy(self.encoder)
         deactivate_requires_grad(self.target)
         self.size_seed = int(cfg.run.seed) * 1_000_003
         self.register_counter("mask_calls")  # checkpointed
+        self._export_target = oc.export == "target"
         self._mse = oc.loss == "mse"  # read once: a traced step should not walk the OmegaConf tree
         self._compiled_loss = None
 
     @property
     def backbone(self) -> VisionTransformer:
-        """The context encoder's ViT: what the trainer exports and the monitor evaluates."""
-        return self.encoder.vit
+        """The ViT the trainer exports and the monitor evaluates: the target (EMA) encoder's
+        (``export: target``, the paper's choice) or the context encoder's (``export: context``).
+        Training reaches the encoders as ``encoder`` and ``target``, never through this."""
+        return (self.target if self._export_target else self.encoder).vit
 
     @staticmethod
     def _check(cfg, backbone) -> None:
@@ -138,6 +171,8 @@ class IJEPA(Objective):
             raise RecipeError(f"augment.size={cfg.augment.size} but the ViT is built for "
                               f"{backbone.patch_embed.img_size[0]} px: set model.kwargs.img_size="
                               f"{cfg.augment.size}")
+        if oc.export not in EXPORTS:
+            raise RecipeError(f"objective.export must be one of {', '.join(EXPORTS)}, not {oc.export!r}")
         if oc.loss not in LOSSES:
             raise RecipeError(f"objective.loss must be one of {', '.join(LOSSES)}, not {oc.loss!r}")
         _check_range("target_scale", oc.target_scale, 0.0, 1.0)
