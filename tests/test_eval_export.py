@@ -25,11 +25,13 @@ def meta_of(path):
         return json.loads(f.metadata()["selfsup"])
 
 
-@pytest.mark.parametrize("case", [("tiny.yaml", MOCO, TINY), ("ijepa_vit_tiny.yaml", IJ, TINY_NO_HEAD)],
-                         ids=["moco", "ijepa"])
+@pytest.mark.parametrize("case", [("tiny.yaml", MOCO, TINY), ("ijepa_vit_tiny.yaml", IJ, TINY_NO_HEAD),
+                                  ("ijepa_vit_tiny.yaml", [*IJ, "objective.export=context"], TINY_NO_HEAD)],
+                         ids=["moco", "ijepa-target", "ijepa-context"])
 def test_a_training_checkpoint_exports_exactly_as_the_trainer_did(tmp_path, capsys, case):
     """MoCo's checkpoint also holds the key encoder (backbone_key.): the query encoder must be
-    the one exported; I-JEPA's context encoder sits under encoder.vit. and pools mean_patch."""
+    the one exported; I-JEPA holds a context and a target encoder: the one objective.export names
+    (encoder.vit. or target.vit.) must be, pooled mean_patch."""
     recipe, overrides, tiny = case
     shards = write_shards(tmp_path / "s", n=32, shard_size=32)
     run = tmp_path / "run"

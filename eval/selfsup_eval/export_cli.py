@@ -9,7 +9,7 @@ timm + safetensors alone. SOURCE is
   ``trainer.json`` (step), the model weights accelerate saved (``model.safetensors``, else
   ``pytorch_model.bin`` through torch.load(weights_only=True)) and ``RUN/recipe.yaml`` (model,
   input size, mean/std, objective). The backbone is the weights under the objective's backbone
-  prefix (``backbone.``; I-JEPA's context encoder ``encoder.vit.``), found as for other files;
+  prefix (``backbone.``; for I-JEPA the encoder ``objective.export`` names, :func:`backbone_prefix`);
 * a checkpoint of **another framework** (the layouts of :mod:`selfsup_eval.foreign`), with
   ``--model TIMM_NAME`` and the same options as ``selfsup-eval``.
 
@@ -42,6 +42,17 @@ def latest_checkpoint(run: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def backbone_prefix(objective: dict) -> str | None:
+    """Where the exported backbone sits in the objective's state dict, when detection could pick
+    the wrong copy: I-JEPA holds the context encoder (``encoder.vit.``) and the target encoder
+    (``target.vit.``), and exports the one ``objective.export`` names (``target`` by default;
+    recipes written before that key existed exported the context encoder). Else None: detected
+    (``backbone.``, preferred over MoCo's ``backbone_key.``)."""
+    if objective.get("name") == "ijepa":
+        return "target.vit." if objective.get("export", "context") == "target" else "encoder.vit."
+    return None
+
+
 def from_training_checkpoint(source: Path) -> tuple[torch.nn.Module, dict, str]:
     """(model with the backbone's weights, export metadata, note) from a selfsup checkpoint."""
     import yaml
@@ -70,7 +81,7 @@ def from_training_checkpoint(source: Path) -> tuple[torch.nn.Module, dict, str]:
     obj, _ = load_file(str(weights))
     sd, key = pick_state_dict(obj, None, str(weights))
     model = build_model(meta)
-    match = load_weights(model, sd, str(weights))
+    match = load_weights(model, sd, str(weights), backbone_prefix(recipe["objective"]))
     return model, meta, unused_note(str(weights), match, key)
 
 
