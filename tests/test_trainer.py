@@ -81,7 +81,7 @@ def test_resume_auto_ignores_half_written_checkpoints(tmp_path, shards):
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step-000000002"]  # keep=1 pruned step 1
     (run / "checkpoints" / ".tmp-step-000000003").mkdir()  # a write killed half-way
-    assert train(run, shards, "train.max_steps=3") == 0
+    assert train(run, shards, "train.max_steps=3", "--accept-changes") == 0  # a longer run
     assert json.loads((run / "checkpoints" / "step-000000003" / "trainer.json").read_text())["step"] == 3
 
 

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from selfsup_io import BadLabel, image_member, label_member
+from selfsup_io.images import check_pixels, to_8bit
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
@@ -92,6 +93,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
             w, h = size, int(size * h / w)
         else:
             w, h = int(size * w / h), size
+        check_pixels(w, h, "resized image")  # a 1x20000 strip would become 256x5120000
         img = img.resize((w, h), Image.BILINEAR)
     if (w, h) != (size, size):
         left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
@@ -106,7 +108,8 @@ def decode(data: bytes, size: int | None, channels: int) -> torch.Tensor:
             r = next(r for r in (8, 4, 2, 1) if min(img.size) // r >= size or r == 1)
             if r > 1:
                 img.draft(None, (img.size[0] // r, img.size[1] // r))
-        img = img.convert("RGB" if channels == 3 else "L")
+        check_pixels(*img.size)  # what decoding allocates: a PNG bomb is a corrupt sample
+        img = to_8bit(img).convert("RGB" if channels == 3 else "L")  # 16-bit: not clipped
         if size is not None:
             img = resize_center_crop(img, size)
         arr = np.asarray(img, dtype=np.uint8)

@@ -6,12 +6,20 @@ has finished writing; an export is written to a temp file and renamed. A run kil
 therefore leaves the previous checkpoint as the latest complete one, and ``resume=auto`` picks it.
 
 A checkpoint holds accelerate's state (model, optimizer, RNG of every process), ``trainer.json``
-(step and data position shared by all ranks) and ``rank-R.pt`` per process (augmentation RNG and
-that rank's data-stream positions).
+(step and data position shared by all ranks), ``recipe.yaml`` (the recipe it was written with, so
+that a resume can tell what changed: :mod:`selfsup.rundir`) and ``rank-R.safetensors`` per process
+(augmentation RNG as a tensor, that rank's data-stream positions as JSON metadata). No pickle:
+loading a checkpoint must not run code from a file someone handed over, so the rank files are
+safetensors, and the ``rank-R.pt`` of older checkpoints and accelerate's own files are read with
+``torch.load(weights_only=True)``.
+
+A write that fails for lack of space is one line (:class:`StorageError`) saying so, instead of
+torch's "unexpected pos"; the half-written temp directory is removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -19,6 +27,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 STEP_DIR = re.compile(r"^step-(\d{9})$")
@@ -27,7 +36,42 @@ EXPORT_FORMAT = 1
 
 
 class CheckpointError(ValueError):
-    """A checkpoint path that is not one (one-line message)."""
+    """A checkpoint path that is not one, or a damaged checkpoint (one-line message)."""
+
+
+class StorageError(OSError):
+    """A checkpoint or export could not be written for lack of space (one-line message)."""
+
+
+def storage_error(e: BaseException, path: Path, then: str) -> StorageError | None:
+    """A one-line :class:`StorageError` if ``e`` is a full disk or quota (OSError ENOSPC/EDQUOT,
+    or torch's zip writer, which only says "unexpected pos" when a write comes back short);
+    None for any other failure, which is raised as it is."""
+    text = str(e)
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        "unexpected pos" in text or "No space left" in text or "quota" in text.lower()
+    if not full:
+        return None
+    folder = next((p for p in [Path(path), *Path(path).parents] if p.exists()), Path("."))
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return StorageError(f"cannot write {path}: no space left on the device or over quota ({free}); "
+                        f"free space (or lower checkpoint.keep) and run the same command again: {then}")
+
+
+def umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -59,24 +103,35 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: dict,
-                    rank_state: dict, keep: int) -> Path:
-    """Collective: every process calls it. Returns the final checkpoint directory."""
+                    rank_state: dict, keep: int, recipe: str | None = None) -> Path:
+    """Collective: every process calls it. Returns the final checkpoint directory. ``recipe``
+    (YAML text) is stored as the checkpoint's ``recipe.yaml``."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
+    previous = list_checkpoints(run_dir)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in final.parent.glob(".old-step-*"):  # left by a kill inside _discard
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        save_rank_state(rank_state, tmp / f"rank-{accelerator.process_index}.safetensors")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if recipe is not None:
+                _write_synced(tmp / "recipe.yaml", recipe)
+            _write_synced(tmp / TRAINER_FILE, json.dumps(trainer_state, indent=1))
+    except Exception as e:
+        err = storage_error(e, tmp, f"it resumes from {previous[-1]}" if previous else
+                            "no checkpoint was written before this one")
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave the half-written temp behind
+        if err is None:
+            raise
+        raise err from None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for stale in final.parent.glob(".old-step-*"):  # left by a kill inside _discard
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    torch.save(rank_state, tmp / f"rank-{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(tmp / TRAINER_FILE, "w") as f:
-            json.dump(trainer_state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
         if final.exists():  # re-saving the same step (e.g. preempted right after a save)
             _discard(final)
         os.replace(tmp, final)
@@ -84,6 +139,42 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
             _discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_rank_state(rank_state: dict, path: Path) -> None:
+    """``{"generator": ByteTensor, "positions": {role: drawn}, ...}`` → safetensors: the tensor as
+    a tensor, everything else as JSON metadata (no pickle)."""
+    meta = {k: v for k, v in rank_state.items() if k != "generator"}
+    meta["positions"] = {str(k): int(v) for k, v in meta.get("positions", {}).items()}
+    save_file({"generator": rank_state["generator"].contiguous()}, str(path),
+              metadata={"selfsup": json.dumps(meta)})
+
+
+def load_rank_state(folder: Path, rank: int) -> dict | None:
+    """This rank's state from ``rank-R.safetensors`` (or an older checkpoint's ``rank-R.pt``,
+    read with ``weights_only=True``: a pickle that would run code is refused); None if absent."""
+    path = folder / f"rank-{rank}.safetensors"
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["selfsup"])
+            generator = f.get_tensor("generator")
+        meta["positions"] = {int(k): int(v) for k, v in meta.get("positions", {}).items()}
+        return {**meta, "generator": generator}
+    legacy = folder / f"rank-{rank}.pt"
+    if not legacy.is_file():
+        return None
+    try:
+        return torch.load(legacy, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for anything beyond tensors and containers
+        raise CheckpointError(f"{legacy} holds more than tensors and plain values; selfsup does not "
+                              f"unpickle it ({' '.join(str(e).split())[:120]})") from None
 
 
 def _discard(path: Path) -> None:
@@ -97,12 +188,19 @@ def _discard(path: Path) -> None:
 
 
 def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
-    """Restore accelerate's state; return (trainer state, this rank's state or None)."""
-    accelerator.load_state(str(path))
-    trainer_state = json.loads((path / TRAINER_FILE).read_text())
-    rank_file = path / f"rank-{accelerator.process_index}.pt"
-    same_world = trainer_state.get("world_size") == accelerator.num_processes
-    rank_state = torch.load(rank_file, weights_only=False) if same_world and rank_file.is_file() else None
+    """Restore accelerate's state; return (trainer state, this rank's state or None). Any
+    failure (a truncated or damaged file, tensors that do not fit) is a one-line
+    :class:`CheckpointError`; the caller decides whether an older checkpoint is tried."""
+    try:
+        trainer_state = json.loads((path / TRAINER_FILE).read_text())
+        same_world = trainer_state.get("world_size") == accelerator.num_processes
+        rank_state = load_rank_state(path, accelerator.process_index) if same_world else None
+        accelerator.load_state(str(path))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({reason[:300]})") from None
     return trainer_state, rank_state
 
 
@@ -117,8 +215,18 @@ def export_backbone(backbone: torch.nn.Module, run_dir: str | Path, metadata: di
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in backbone.state_dict().items()}
     meta = {"selfsup": json.dumps({"format": EXPORT_FORMAT, **metadata})}
     path = out / f"backbone-step{metadata['step']:09d}.safetensors"
+    mode = 0o666 & ~umask()  # safetensors creates 0600 files: follow the umask like other files
     for target in (path, out / "backbone.safetensors"):
         tmp = target.with_name(f".tmp-{target.name}")
-        save_file(tensors, str(tmp), metadata=meta)
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.chmod(tmp, mode)
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            err = storage_error(e, target, f"the checkpoint of step {metadata['step']} is complete "
+                                "and its export is written when the run resumes")
+            if err is None:
+                raise
+            raise err from None
         os.replace(tmp, target)
     return path

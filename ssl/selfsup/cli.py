@@ -11,14 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from selfsup.checkpoint import CheckpointError
+from selfsup.checkpoint import CheckpointError, StorageError
 from selfsup.config import RecipeError, load_recipe
 from selfsup.data import DataError
 from selfsup.models import ModelError
+from selfsup.rundir import RunDirError
 from selfsup_io.shards import ShardSpecError
 from selfsup_io.tracking import TrackerError
 
-USER_ERRORS = (RecipeError, DataError, ModelError, CheckpointError, ShardSpecError, TrackerError)
+USER_ERRORS = (RecipeError, DataError, ModelError, CheckpointError, ShardSpecError,
+               RunDirError, StorageError, TrackerError)
 DIVERGED_EXIT_CODE = 3  # NaN/inf loss or weights: not requeued (75), not a bad recipe (2)
 
 
@@ -31,7 +33,11 @@ def train_main(argv: list[str] | None = None) -> int:
                              "recipes/data/fashion_mnist.yaml), then key=value overrides")
     parser.add_argument("--print-recipe", action="store_true",
                         help="print the resolved recipe and exit")
-    args = parser.parse_args(argv)
+    parser.add_argument("--accept-changes", action="store_true",
+                        help="resume even though the recipe differs from the checkpoint's in "
+                             "values that change the run (e.g. a lower optim.lr after a divergence, "
+                             "a longer train.max_steps); without it such a resume is refused")
+    args = parser.parse_intermixed_args(argv)
     try:
         recipes = [a for a in args.items if "=" not in a]
         overrides = [a for a in args.items if "=" in a]
@@ -41,11 +47,13 @@ def train_main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        from selfsup.trainer import Diverged, Preempted, Trainer, end_distributed
+        from selfsup.trainer import Diverged, Preempted, StoppedWaiting, Trainer, end_distributed
 
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, accept_changes=args.accept_changes)
         try:
             trainer.train()
+        except StoppedWaiting:  # this rank alone, maybe with peers stuck in a collective
+            raise
         except Preempted:  # every rank stops at the same step, so every rank gets here
             end_distributed(trainer.acc)
             raise

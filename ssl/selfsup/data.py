@@ -37,6 +37,7 @@ from selfsup.decode import DeviceDecoder, decode_views, device_decodable, open_i
 from selfsup_io.shards import ShardSet, resolve_shards
 from selfsup.views import ViewSpec, sample_boxes, sample_rng, view_size
 from selfsup_io import BadLabel, image_member, label_member
+from selfsup_io.images import check_pixels
 
 DECODE_MODES = ("cpu", "device")
 
@@ -102,6 +103,7 @@ class StreamPlan:
     shuffle_buffer: int
     start_batch: int = 0
     positions: dict | None = None  # role -> samples drawn from that role's buffer
+    sizes: dict | None = None  # url -> samples its index lists (None: no index)
 
 
 class ShardStream(IterableDataset):
@@ -130,13 +132,33 @@ class ShardStream(IterableDataset):
         random.Random(p.seed * 1_000_003 + p.epoch).shuffle(urls)  # same order on every role
         mine, stride, offset = split_shards(urls, p.rank, p.world_size, role, p.num_workers)
         stats = self.stats
+        sizes = p.sizes or {}
 
-        def handler(exc: Exception) -> bool:
-            stats["corrupt"] += 1
-            return True
+        def shard(url: str):
+            """One shard's samples. A read error ends the shard; a shard that ends before the
+            count its index lists (a truncated tar, cut at a member boundary, reads short
+            without any error) is an event: counted as corrupt and reported. With fewer shards
+            than roles every role reads every shard, and only role offset 0 counts."""
+            errors, n = [], 0
+
+            def handler(exc: Exception) -> bool:
+                errors.append(exc)
+                return True
+
+            for s in tarfile_samples([{"url": url}], handler=handler):
+                n += 1
+                yield s
+            if offset:
+                return
+            short = sizes[url] - n if url in sizes else 0
+            stats["corrupt"] += max(len(errors), short)
+            if short > 0:
+                why = f": {' '.join(str(errors[0]).split())[:120]}" if errors else " (truncated tar?)"
+                stats["events"].append(f"{url} ended after {n} of the {sizes[url]} samples its "
+                                       f"index lists{why}; {short} counted as corrupt")
 
         def one_pass():
-            stream = tarfile_samples(({"url": u} for u in mine), handler=handler)
+            stream = (s for u in mine for s in shard(u))
             return (s for i, s in enumerate(stream) if i % stride == offset)
 
         for rnd in range(1 << 30):
@@ -167,13 +189,14 @@ class ShardStream(IterableDataset):
                              sample_rng(p.seed, p.epoch, p.rank, role, drawn))
         if p.decode == "device" and device_decodable(img, data):
             img.close()
+            check_pixels(width, height)  # decoded whole on the device: a JPEG bomb stops here
             return {"jpeg": data, "boxes": boxes}
         return {"view": decode_views(img, boxes, view_size(p.views))}
 
     def __iter__(self):
         p = self.plan
         role = self._role()
-        self.stats = {"corrupt": 0, "decoded_in_pass": 0}
+        self.stats = {"corrupt": 0, "decoded_in_pass": 0, "events": []}
         rng = random.Random(hash((p.seed, p.epoch, p.rank, role)))
         shuffled = self._samples(role, rng)
         drawn = 0
@@ -198,9 +221,22 @@ class ShardStream(IterableDataset):
                 labels.append(sample_label(sample))
                 keys.append(sample["__key__"])
             corrupt, self.stats["corrupt"] = self.stats["corrupt"], 0
+            events, self.stats["events"] = self.stats["events"], []
             batch = {"label": torch.tensor(labels), "key": keys, "role": role, "drawn": drawn,
-                     "corrupt": corrupt}
+                     "corrupt": corrupt, "events": events}
             yield {**batch, **_collate(out, p.views)}
+
+
+def check_corrupt(corrupt: int, good: int, fraction: float, samples_per_epoch: int) -> None:
+    """Raise :class:`DataError` once more than ``fraction`` (``data.max_corrupt_fraction``) of
+    the samples drawn so far were corrupt. Judged only after ``min(1000, samples_per_epoch)``
+    samples, so that a few bad files among the first batches do not stop a run; with
+    ``fraction=0`` the first corrupt sample stops it."""
+    drawn = corrupt + good
+    if corrupt > fraction * drawn and (fraction == 0 or drawn >= min(1000, samples_per_epoch)):
+        raise DataError(f"{corrupt} of the {drawn} samples drawn so far could not be read or decoded "
+                        f"({corrupt / drawn:.1%}), more than data.max_corrupt_fraction={fraction}: "
+                        "check data.train, or raise data.max_corrupt_fraction")
 
 
 def _one_line_errors(loader: DataLoader):
@@ -266,9 +302,10 @@ class ShardLoader:
         self._decoders: dict = {}
 
     def epoch(self, epoch: int, start_batch: int = 0, positions: dict | None = None):
+        sizes = dict(zip(self.shards.urls, self.shards.shard_sizes)) if self.shards.shard_sizes else None
         plan = StreamPlan(self.shards.urls, self.batch_size, self.batches_per_epoch, self.rank,
                           self.world_size, max(1, self.num_workers), self.seed, epoch,
-                          self.views, self.decode, self.shuffle_buffer, start_batch, positions)
+                          self.views, self.decode, self.shuffle_buffer, start_batch, positions, sizes)
         stream = ShardStream(plan)
         if self.num_workers == 0:
             return iter(stream)

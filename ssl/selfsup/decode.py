@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from selfsup_io.images import check_pixels, to_8bit
+
 JPEG_DEVICE_MODES = ("RGB", "L")  # what nvJPEG decodes to RGB; CMYK/YCCK stay on the CPU
 JPEG_FORMATS = ("JPEG", "MPO")  # MPO: the multi-picture JPEG of many cameras (first picture)
 
@@ -50,8 +52,9 @@ def dct_reduction(boxes: torch.Tensor, size: int) -> int:
 
 def decode_views(data: bytes | Image.Image, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (V, 3, size, size): the ``boxes`` (original-image pixels) of one encoded image, each
-    resized to ``size``² (antialiased bilinear). Grayscale, CMYK, palette and alpha images are
-    converted to RGB. Raises on undecodable or truncated data."""
+    resized to ``size``² (antialiased bilinear). Grayscale (16-bit too), CMYK, palette and alpha
+    images are converted to RGB. Raises on undecodable or truncated data, and on an image larger
+    than ``selfsup_io.images.max_pixels`` once DCT-scaled."""
     img = data if isinstance(data, Image.Image) else open_image(data)
     with img:
         width = img.size[0]
@@ -61,8 +64,10 @@ def decode_views(data: bytes | Image.Image, boxes: torch.Tensor, size: int) -> t
             drafted = img.draft(None, (img.size[0] // r, img.size[1] // r)) if r > 1 else None
             if drafted is not None:
                 scale = drafted[1][2] / width  # 1 / the reduction libjpeg will apply
+        check_pixels(*img.size)  # what load() allocates (after DCT scaling): bombs stop here
         img.load()  # decodes; raises on truncated or corrupt data
-        rgb = img if img.mode == "RGB" else img.convert("RGB")  # convert("RGB") would copy
+        rgb = to_8bit(img)  # 16-bit grayscale by its high byte (convert would clip at 255)
+        rgb = rgb if rgb.mode == "RGB" else rgb.convert("RGB")  # convert("RGB") would copy
         out = np.empty((len(boxes), 3, size, size), dtype=np.uint8)
         for v, (top, left, h, w) in enumerate((boxes * scale).tolist()):
             view = rgb.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))

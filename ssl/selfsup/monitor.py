@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from selfsup.data import DataError, ShardLoader
+from selfsup.data import DataError, ShardLoader, sample_label
 from selfsup_io.shards import resolve_shards
 from selfsup.views import ViewSpec
 from selfsup_io.knn import knn_classify
@@ -32,6 +32,20 @@ def collapse_metrics(features: torch.Tensor) -> dict[str, float]:
     p = s / s.sum() + 1e-12
     return {"feature_std": z.std(0).mean().item(),
             "rankme": torch.exp(-(p * p.log()).sum()).item()}
+
+
+def _check_labelled(urls: list[str], spec: str, key: str) -> None:
+    """The k-NN needs labels: an unlabelled split fails at start, not at the first monitor step
+    hours in. The first sample that can be read decides (labels are all-or-nothing per split)."""
+    from webdataset.tariterators import tarfile_samples
+
+    for url in urls[:3]:
+        for sample in tarfile_samples([{"url": url}], handler=lambda exc: True):
+            if sample_label(sample) < 0:
+                raise DataError(f"{key}: {spec} has no labels (its sample {sample['__key__']} has no "
+                                "cls, json label or txt): the online monitor's k-NN needs labelled "
+                                "shards; set monitor.train/monitor.val or monitor.every_steps=0")
+            return
 
 
 class Monitor:
@@ -47,9 +61,10 @@ class Monitor:
             for spec, key, prefer in ((self.train_spec, "monitor.train", ("train",)),
                                       (self.val_spec, "monitor.val", ("val", "test"))):
                 try:
-                    resolve_shards(spec, prefer)
+                    shards = resolve_shards(spec, prefer)
                 except ValueError as e:
                     raise DataError(f"{key}: {e}") from None
+                _check_labelled(shards.urls, spec, key)
 
     def due(self, step: int) -> bool:
         return self.enabled and step % self.every == 0

@@ -50,7 +50,9 @@ import numpy as np
 from PIL import Image
 
 from selfsup_io.progress import Progress
+from selfsup_io.images import check_pixels, to_8bit
 from selfsup_io.shards import INDEX_FORMAT, SHARD_NAME
+from selfsup.folder_walk import class_files
 
 TORCHVISION_SETS = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
 MNIST_FAMILY = ("MNIST", "FashionMNIST", "KMNIST")
@@ -98,7 +100,9 @@ def _npz_source(path: Path):
 
 
 def _plain_mode(img: Image.Image) -> Image.Image:
-    """1 or 3 channels, which is what readers want (1, LA → L; RGBA, palette, CMYK, ... → RGB)."""
+    """1 or 3 channels, which is what readers want (1, LA → L; RGBA, palette, CMYK, ... → RGB;
+    16-bit grayscale → L by its high byte, selfsup_io.images.to_8bit, not clipped at 255)."""
+    img = to_8bit(img)
     return img if img.mode in ("L", "RGB") else img.convert("L" if img.mode in ("1", "LA") else "RGB")
 
 
@@ -132,6 +136,8 @@ def _folder_member(data: bytes, image_format: str, max_side: int | None, quality
     (OSError, ValueError, ...) on a file PIL cannot open or, when re-encoding, decode."""
     with Image.open(io.BytesIO(data)) as img:  # lazy: header only
         fmt = img.format
+        w, h = img.size  # readers decode a JPEG DCT-scaled (1/8 at most), anything else whole
+        check_pixels(*((w // 8, h // 8) if fmt in ("JPEG", "MPO") else (w, h)))
         if image_format == "keep":
             ext = KEPT_FORMATS.get(fmt, "png")
             copy = fmt in KEPT_FORMATS
@@ -153,10 +159,13 @@ def _unreadable_reason(e: Exception) -> str:
 
 
 def _folder_source(path: Path, image_format: str, max_side: int | None, quality: int):
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    from torchvision.datasets.folder import find_classes
 
     classes, class_to_idx = find_classes(str(path))
-    samples = make_dataset(str(path), class_to_idx, extensions=IMG_EXTENSIONS)
+    samples, links = class_files(path, class_to_idx)
+    if links:
+        print(f"selfsup-shards: warning: not following {len(links)} link(s) to folders already "
+              f"read (e.g. {links[0]}): every folder is read once, under its own class", file=sys.stderr)
 
     def items():
         for file, label in samples:
@@ -343,8 +352,10 @@ def write_shards(source: str, out_dir: str, split: str, shard_size: int = 5000,
     tmp_index.write_text(json.dumps(index, indent=1) + "\n")
     os.replace(tmp_index, index_path)
     if skipped:
-        print(f"selfsup-shards: warning: skipped {len(skipped)} unreadable file(s), e.g. "
-              f"{skipped[0]['file']} ({skipped[0]['error']})", file=sys.stderr)
+        named = "; ".join(f"{s['file']} ({s['error']})" for s in skipped[:5])
+        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        print(f"selfsup-shards: warning: skipped {len(skipped)} unreadable file(s): {named}{more}",
+              file=sys.stderr)
     return index_path
 
 

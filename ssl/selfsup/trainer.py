@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,8 +26,10 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 
 from selfsup import checkpoint as ckpt
+from selfsup import resume as resuming
+from selfsup import rundir
 from selfsup.config import RecipeError
-from selfsup.data import ShardLoader
+from selfsup.data import ShardLoader, check_corrupt
 from selfsup.hf_export import export_hf
 from selfsup.logs import MetricsLog
 from selfsup.models import create_backbone
@@ -43,6 +46,13 @@ REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint written,
 class Preempted(SystemExit):
     def __init__(self):
         super().__init__(REQUEUE_EXIT_CODE)
+
+
+class StoppedWaiting(Preempted):
+    """A stop signal came while this rank waited for a batch that did not come within
+    SELFSUP_STOP_WAIT seconds (a hung file system, a stalled pipe: URL, a shard set that yields
+    nothing): it leaves without a checkpoint (the last one stands). Its peers may be inside a
+    collective, so the caller does not wait for them (:func:`end_distributed`)."""
 
 
 class Diverged(RuntimeError):
@@ -99,7 +109,9 @@ def build_model(cfg, acc: Accelerator):
 
 
 class Trainer:
-    def __init__(self, cfg):
+    def __init__(self, cfg, accept_changes: bool = False):
+        self.accept_changes = accept_changes  # resume with a changed recipe (selfsup.rundir)
+        self._waiting = False  # waiting for a batch: a stop signal may end the run there
         try:  # before anything is built: a missing tracker package is a one-line error at once
             check_trackers(cfg.log.trackers)
         except TrackerError as e:
@@ -139,21 +151,9 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- resume ----
     def resume(self) -> None:
-        path = ckpt.resolve_resume(self.cfg.resume, self.run_dir)
-        if path is None:
-            return
-        state, rank_state = ckpt.load_checkpoint(self.acc, path)
-        self.state.update({k: state[k] for k in self.state if k in state})
-        if rank_state is None:  # different process count: restart the interrupted epoch's stream
-            self.acc.print(f"resume: {path} was written by {state.get('world_size')} processes; "
-                           "data position restarts at the current epoch")
-            self.state["batch_in_epoch"] = 0
-        else:
-            self.generator.set_state(rank_state["generator"])
-            self.positions = dict(rank_state["positions"])
-            if rank_state.get("num_workers") != self.cfg.data.num_workers:
-                self.state["batch_in_epoch"], self.positions = 0, {}
-        self.acc.print(f"resumed from {path} at step {self.state['step']}")
+        """Newest loadable checkpoint (damaged ones named and skipped), recipe compared with
+        the checkpoint's first: :mod:`selfsup.resume`."""
+        resuming.resume(self)
 
     def save(self) -> Path:
         self._check_weights()
@@ -162,7 +162,7 @@ class Trainer:
         rank_state = {"generator": self.generator.get_state(), "positions": self.positions,
                       "num_workers": self.cfg.data.num_workers}
         path = ckpt.save_checkpoint(self.acc, self.run_dir, self.state["step"], state, rank_state,
-                                    self.cfg.checkpoint.keep)
+                                    self.cfg.checkpoint.keep, recipe=OmegaConf.to_yaml(self.cfg))
         self.export()
         return path
 
@@ -195,7 +195,8 @@ class Trainer:
         where = (f"the last good checkpoint is {last}, where the same command resumes (resume=auto)"
                  if last else "no checkpoint was written before it")
         return (f"training diverged: {what}; nothing was written for this step and {where}; "
-                "lower optim.lr, set optim.clip_grad (e.g. 1.0) or train.precision=fp32")
+                "to resume with a lower optim.lr, optim.clip_grad (e.g. 1.0) or "
+                "train.precision=fp32, add those overrides and --accept-changes")
 
     def epochs_done(self) -> float:
         return self.state["epoch"] + self.state["batch_in_epoch"] / self.loader.batches_per_epoch
@@ -218,6 +219,24 @@ class Trainer:
 
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
+        if self._waiting:
+            self._arm_stop_timer()
+
+    def _arm_stop_timer(self) -> None:
+        """A stop signal while waiting for data: the batch gets SELFSUP_STOP_WAIT seconds (5)
+        to arrive, so that a data-bound run still finishes its step and checkpoints; if it does
+        not (a hung file system, a stalled pipe: URL), SIGALRM ends the run (StoppedWaiting)."""
+        signal.setitimer(signal.ITIMER_REAL, float(os.environ.get("SELFSUP_STOP_WAIT") or 5))
+
+    def _on_alarm(self, signum, frame):
+        if not self._waiting:  # the batch came in time: the step ends with a checkpoint
+            return
+        self._waiting = False
+        last = ckpt.resolve_resume("auto", self.run_dir)
+        print(f"selfsup-train: stopped by signal {self._stop_signal} while waiting for data at "
+              f"step {self.state['step']}; no checkpoint written (the last is {last}), exit "
+              f"{REQUEUE_EXIT_CODE} (requeue)", file=sys.stderr, flush=True)
+        raise StoppedWaiting()
 
     def _stop_requested(self) -> bool:
         """Any process got SIGTERM/SIGUSR1 → all stop at the same step (collective). One process
@@ -233,12 +252,17 @@ class Trainer:
         at the same step. The caller ends with :func:`end_distributed` either way, which keeps
         every rank until rank 0's export is written."""
         cfg, acc = self.cfg, self.acc
+        self._lock = rundir.acquire(acc, self.run_dir)  # a second trainer on run.dir stops here
+        try:
+            self.resume()  # refuses a changed recipe before recipe.yaml is replaced
+        except BaseException:
+            self._lock.release()
+            raise
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, self.run_dir / "recipe.yaml")
-        self.resume()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGALRM, self._on_alarm)
         log = self._open_log()
         # a bar on a terminal, a plain line a minute in a batch job's log (selfsup_io.progress)
         bar = Progress(self.total_steps, f"{self.objective.name} {cfg.run.dir}", unit="steps",
@@ -249,6 +273,7 @@ class Trainer:
         finally:  # also on Preempted / Diverged: the JSONL and TensorBoard files are flushed
             bar.close()
             log.close()
+            self._lock.release()
 
     def _open_log(self) -> MetricsLog:
         """JSONL + the recipe's trackers, opened on the main process. A tracker that does not
@@ -285,7 +310,14 @@ class Trainer:
             set_weight_decay(self.optimizer, cfg.optim.weight_decay, cfg.optim.weight_decay_end, progress)
             for micro in range(accum):
                 t = time.perf_counter()
-                batch = self.loader.to_device(next(data), device)  # data.decode=device: decodes there
+                self._waiting = True  # a stop signal now may end the run here (StoppedWaiting)
+                if self._stop_signal is not None:  # it came during a micro-batch of this step
+                    self._arm_stop_timer()
+                batch = next(data)
+                self._waiting = False
+                for event in batch.pop("events", ()):  # e.g. a shard shorter than its index says
+                    print(f"selfsup-train: warning: {event}", file=sys.stderr, flush=True)
+                batch = self.loader.to_device(batch, device)  # data.decode=device: decodes there
                 window["wait"] += time.perf_counter() - t  # waiting for data, device decoding included
                 window["corrupt"] += batch.pop("corrupt")
                 sync = micro == accum - 1
@@ -336,6 +368,8 @@ class Trainer:
             raise Diverged(self._diverged(f"the loss of {steps} is {loss}"))
         corrupt = int(acc.reduce(torch.tensor([window["corrupt"]], device=acc.device), "sum").item())
         self.state["corrupt_samples"] += corrupt
+        check_corrupt(self.state["corrupt_samples"], self.state["images_seen"],
+                      self.cfg.data.max_corrupt_fraction, self.loader.samples_per_epoch)
         record = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                   "epoch": round(self.epochs_done(), 4),
                   "img_per_s": n * self.global_batch / elapsed,

@@ -1,0 +1,96 @@
+"""Resuming a run: which checkpoint, whether the recipe still fits it, and what a damaged one costs.
+
+* ``resume=auto`` tries the run's checkpoints newest first. One that cannot be loaded (a file
+  truncated by a full disk, a bit flip, a half-copied directory) is named in one line and the
+  previous complete one is used; only when none loads is it an error. An explicit
+  ``resume=PATH`` is never swapped for another: a damaged one is an error.
+* Every rank loads its own files, so the ranks agree (a collective) on whether a checkpoint
+  loaded before going on: a damaged ``rank-1`` file moves all ranks to the previous checkpoint.
+* The recipe is compared with the one the checkpoint was written with (:mod:`selfsup.rundir`)
+  before anything is loaded or ``recipe.yaml`` is replaced.
+* A run that stopped between writing a checkpoint and its export (e.g. a full disk) writes that
+  step's export on resume, so every checkpointed step has its export.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from selfsup import checkpoint as ckpt
+from selfsup import rundir
+
+
+def _all_ok(acc, ok: bool) -> bool:
+    if acc.num_processes == 1:
+        return ok
+    failed = acc.reduce(torch.tensor([0.0 if ok else 1.0], device=acc.device), "sum")
+    return failed.item() == 0
+
+
+def _check_recipe(trainer, path: Path) -> None:
+    try:
+        saved = rundir.saved_recipe(path, trainer.run_dir)
+    except Exception as e:  # a damaged recipe.yaml: the load below decides about the rest
+        trainer.acc.print(f"resume: cannot read {path / 'recipe.yaml'} ({type(e).__name__}); "
+                          "the recipe is not compared")
+        return
+    if saved is None:
+        return
+    accepted = rundir.check_resume_recipe(saved, trainer.cfg, path, trainer.accept_changes)
+    if accepted:
+        trainer.acc.print(f"resume: going on from {path} with the changed recipe "
+                          f"(--accept-changes): {'; '.join(accepted)}")
+
+
+def resume(trainer) -> Path | None:
+    """Load the checkpoint ``trainer.cfg.resume`` names into ``trainer``; the path or None."""
+    cfg, acc = trainer.cfg, trainer.acc
+    if cfg.resume == "auto":
+        candidates = list(reversed(ckpt.list_checkpoints(trainer.run_dir)))
+    else:
+        path = ckpt.resolve_resume(cfg.resume, trainer.run_dir)
+        candidates = [path] if path is not None else []
+    if not candidates:
+        return None
+    _check_recipe(trainer, candidates[0])
+    damaged = []
+    for path in candidates:
+        if damaged:
+            _check_recipe(trainer, path)
+        error = None
+        try:
+            state, rank_state = ckpt.load_checkpoint(acc, path)
+        except ckpt.CheckpointError as e:
+            error = e
+        if _all_ok(acc, error is None):
+            break
+        reason = str(error) if error is not None else f"checkpoint {path} cannot be loaded on another rank"
+        if cfg.resume != "auto":
+            raise ckpt.CheckpointError(reason)
+        damaged.append(reason)
+        acc.print(f"resume: {reason}; trying the previous checkpoint")
+    else:
+        raise ckpt.CheckpointError(f"none of the {len(candidates)} checkpoint(s) of {trainer.run_dir} "
+                                   f"can be loaded (newest: {damaged[0]}); resume=none starts over")
+    _restore(trainer, path, state, rank_state)
+    step = trainer.state["step"]
+    export = trainer.run_dir / "export" / f"backbone-step{step:09d}.safetensors"
+    if acc.is_main_process and not export.is_file():  # the run stopped before writing it
+        trainer.export()
+    return path
+
+
+def _restore(trainer, path: Path, state: dict, rank_state: dict | None) -> None:
+    trainer.state.update({k: state[k] for k in trainer.state if k in state})
+    if rank_state is None:  # different process count: restart the interrupted epoch's stream
+        trainer.acc.print(f"resume: {path} was written by {state.get('world_size')} processes; "
+                          "data position restarts at the current epoch")
+        trainer.state["batch_in_epoch"] = 0
+    else:
+        trainer.generator.set_state(rank_state["generator"])
+        trainer.positions = dict(rank_state["positions"])
+        if rank_state.get("num_workers") != trainer.cfg.data.num_workers:
+            trainer.state["batch_in_epoch"], trainer.positions = 0, {}
+    trainer.acc.print(f"resumed from {path} at step {trainer.state['step']}")

@@ -1,0 +1,195 @@
+"""Who may write a run directory, and which recipe changes a resume accepts.
+
+**The lock.** Two trainers on one ``run.dir`` interleave their checkpoints, metrics and exports
+(seen: both exit 0 and leave an export mixed from two runs). The main process therefore holds an
+exclusive ``flock`` on ``RUN_DIR/.lock`` for the whole run; a second trainer refuses to start
+with one line naming the holder (host, pid, start time, written into the file). ``flock`` rather
+than a "pid file": the kernel drops the lock when its process dies, however it dies (SIGKILL,
+OOM killer, preemption), so a crashed owner never leaves the directory stuck and a requeued job
+simply takes the lock again; nothing has to guess whether a recorded pid is still alive.
+
+Shared file systems (multi-node runs write ``run.dir`` on one): only global rank 0 locks, so
+the lock only has to work between machines, which it does where the file system implements
+``flock`` across clients: NFSv4 (the Linux client maps ``flock`` onto NFS byte-range locks),
+Lustre mounted with ``-o flock``, GPFS, BeeGFS. When the machine that held the lock dies (not
+just its process), the server keeps the lock until the client's lease expires (NFSv4: about
+90 s), so a job requeued onto another node could find it still held: ``SELFSUP_LOCK_WAIT=SECONDS``
+makes the trainer retry that long before refusing, and ``launch/slurm.sbatch`` sets 180. Where
+``flock`` is not supported at all (Lustre without ``-o flock``: ENOSYS/EOPNOTSUPP/ENOLCK), the run
+goes on unlocked with one warning line: refusing to train there would make selfsup unusable on
+that cluster, and the lock only guards against a user mistake.
+
+**Recipe changes on resume.** A checkpoint carries the recipe it was written with
+(``checkpoints/step-N/recipe.yaml``). Resuming with a recipe that differs in anything that
+changes the numbers computed (batch size, augmentation, seed, loss, lr, step budget, ...) would
+silently turn an exact resume into a different run, and a changed model, objective or optimizer
+cannot be loaded at all (a state-dict traceback, ``KeyError: 'step'``). So:
+
+* keys that change nothing that is computed (:data:`HARMLESS`: logging, checkpointing, the
+  monitor, where to resume from) may always differ;
+* any other difference is refused with one line listing the keys, unless the user passes
+  ``--accept-changes`` (e.g. a lower ``optim.lr`` after a divergence, a longer
+  ``train.max_steps``): then the run goes on from the checkpoint with the new values;
+* :data:`STRUCTURAL` differences (what the checkpoint's tensors are) are refused even then.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+LOCK_FILE = ".lock"
+LOCK_WAIT_ENV = "SELFSUP_LOCK_WAIT"
+UNSUPPORTED = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)
+# prefixes of keys whose value never changes a computed number
+HARMLESS = ("run.dir", "resume", "train.log_every", "log.", "checkpoint.", "monitor.",
+            "data.max_corrupt_fraction")
+# prefixes of keys that decide what the checkpoint's tensors are: never accepted
+STRUCTURAL = ("model.name", "model.kwargs", "model.small_stem", "objective.name", "optim.name")
+
+
+class RunDirError(ValueError):
+    """The run directory is in use, or the checkpoint does not fit the recipe (one line)."""
+
+
+class RunDirLock:
+    """Exclusive ``flock`` on ``RUN_DIR/.lock`` (see the module docstring); ``release()`` or the
+    end of the process frees it."""
+
+    def __init__(self, run_dir: str | Path):
+        import fcntl
+
+        self.path = Path(run_dir) / LOCK_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + float(os.environ.get(LOCK_WAIT_ENV) or 0)
+        waited = False
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno in UNSUPPORTED:
+                    print(f"selfsup-train: warning: cannot lock {self.path} ({os.strerror(e.errno)}: "
+                          "the file system has no flock); make sure no other trainer uses this "
+                          "run.dir", flush=True)
+                    return
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = self._holder()
+                    os.close(self.fd)
+                    self.fd = None
+                    raise RunDirError(
+                        f"run.dir {self.path.parent} is in use by another trainer ({holder}); "
+                        "wait for it to finish or use another run.dir") from None
+                if not waited:
+                    print(f"selfsup-train: waiting up to {os.environ.get(LOCK_WAIT_ENV)} s "
+                          f"({LOCK_WAIT_ENV}) for the lock on {self.path} ({self._holder()})",
+                          flush=True)
+                    waited = True
+                time.sleep(1.0)
+        os.ftruncate(self.fd, 0)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.pwrite(self.fd, f"host {socket.gethostname()} pid {os.getpid()} since {stamp}\n".encode(), 0)
+
+    def _holder(self) -> str:
+        try:
+            text = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
+        except OSError:
+            text = ""
+        return text or "holder unknown"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+def _flat(cfg) -> dict:
+    out: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = value
+
+    walk("", OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg)
+    return out
+
+
+def _matches(key: str, prefixes: tuple) -> bool:
+    return any(key == p or key.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
+
+
+def recipe_changes(saved, current) -> list[str]:
+    """Keys whose value differs between the checkpoint's recipe and the current one, harmless
+    keys left out, as ``key: old -> new``."""
+    old, new = _flat(saved), _flat(current)
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if _matches(key, HARMLESS) or old.get(key) == new.get(key):
+            continue
+        out.append(f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}")
+    return out
+
+
+def check_resume_recipe(saved, current, checkpoint: Path, accept: bool) -> list[str]:
+    """Raise :class:`RunDirError` for differences resume cannot take (see the module docstring);
+    return the accepted ones (empty when the recipe is unchanged)."""
+    changes = recipe_changes(saved, current)
+    if not changes:
+        return []
+    structural = [c for c in changes if _matches(c.split(":", 1)[0], STRUCTURAL)]
+    if structural:
+        raise RunDirError(f"cannot resume from {checkpoint}: the recipe changed what its tensors are "
+                          f"({'; '.join(structural)}); start a new run.dir or resume=none")
+    if not accept:
+        raise RunDirError(f"resuming from {checkpoint} with a changed recipe ({'; '.join(changes)}) "
+                          "would not continue the same run; restore those values, or pass "
+                          "--accept-changes to go on with the new ones")
+    return changes
+
+
+def saved_recipe(checkpoint: Path, run_dir: Path):
+    """The recipe a checkpoint was written with: its own copy, else (checkpoints written before
+    they carried one) the run's recipe.yaml when the checkpoint belongs to this run; else None."""
+    own = checkpoint / "recipe.yaml"
+    if own.is_file():
+        return OmegaConf.load(own)
+    shared = run_dir / "recipe.yaml"
+    if shared.is_file() and checkpoint.resolve().parent.parent == run_dir.resolve():
+        return OmegaConf.load(shared)
+    return None
+
+
+class _NoLock:
+    def release(self) -> None:
+        pass
+
+
+def acquire(acc, run_dir: Path):
+    """Collective: the main process locks ``run_dir`` (creating it); every rank raises the same
+    :class:`RunDirError` when it is taken, so none is left waiting at a collective."""
+    import torch
+
+    lock, error = _NoLock(), None
+    if acc.is_main_process:
+        try:
+            lock = RunDirLock(run_dir)
+        except RunDirError as e:
+            error = e
+    if acc.num_processes > 1:
+        flag = acc.reduce(torch.tensor([float(error is not None)], device=acc.device), "sum")
+        if flag.item() and error is None and not acc.is_main_process:
+            error = RunDirError(f"run.dir {run_dir} is in use by another trainer (rank 0 says which)")
+    if error is not None:
+        raise error
+    return lock

@@ -1,0 +1,318 @@
+"""Issue 16, training side: a run never hangs, never silently mixes or corrupts, never runs code
+from a file. Each test reproduces one failure of the adversarial pass (they failed before)."""
+
+import errno
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import ROOT, child_env, write_shards
+from selfsup.cli import train_main
+from selfsup.data import DataError, ShardLoader
+from selfsup.views import ViewSpec
+
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+
+
+def train(run_dir, shards, *overrides):
+    return train_main([TINY, f"data.train={shards}", f"run.dir={run_dir}", *overrides])
+
+
+def last_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "nothing on stderr"
+    return err[-1]
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "export" / "backbone.safetensors"))
+
+
+def png(array) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar_with_index(folder, members: dict, name="train-000000.tar", count=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / name, "w") as tf:
+        for member, data in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    samples = count if count is not None else len({m.split(".")[0] for m in members})
+    index = {"format": "selfsup-shards/1", "num_samples": samples,
+             "shards": [{"name": name, "num_samples": samples}]}
+    (folder / "train.json").write_text(json.dumps(index))
+    return folder / "train.json"
+
+
+# ------------------------------------------------------------------------- the run dir lock --
+def test_a_second_trainer_refuses_the_run_dir_and_a_killed_owner_leaves_no_lock(tmp_path, shards, capsys):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from selfsup.rundir import RunDirLock; "
+         "RunDirLock(sys.argv[1]); print('locked', flush=True); time.sleep(300)", str(run)],
+        stdout=subprocess.PIPE, env=child_env(), text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert train(run, shards, "train.max_steps=1") == 2
+        err = last_error(capsys)
+        assert "is in use by another trainer" in err and f"pid {holder.pid}" in err
+        assert not (run / "metrics.jsonl").exists() and not (run / "recipe.yaml").exists()
+    finally:
+        holder.kill()  # SIGKILL: nothing runs in the owner, the kernel drops its flock
+        holder.wait()
+    assert train(run, shards, "train.max_steps=1") == 0  # the stale .lock file does not block
+    assert train(run, shards, "train.max_steps=1") == 0  # nor does our own, released at the end
+
+
+# --------------------------------------------------------------- resume with a changed recipe --
+def test_resume_refuses_a_changed_recipe_unless_accepted_and_never_a_changed_model(tmp_path, shards, capsys):
+    run = tmp_path / "run"
+    assert train(run, shards, "train.max_steps=2", "checkpoint.every_steps=1", "checkpoint.keep=5") == 0
+    recipe = (run / "recipe.yaml").read_text()
+    assert train(run, shards, "train.max_steps=4", "train.batch_size=8", "run.seed=3",
+                 "optim.lr=1e-4", "train.log_every=2") == 2
+    err = last_error(capsys)
+    assert "with a changed recipe" in err and "--accept-changes" in err
+    for change in ("train.batch_size: 16 -> 8", "run.seed: 0 -> 3", "optim.lr: 0.001 -> 0.0001",
+                   "train.max_steps: 2 -> 4"):
+        assert change in err
+    assert "log_every" not in err  # changes nothing computed: never refused
+    assert (run / "recipe.yaml").read_text() == recipe  # not overwritten by the refused run
+    # what the checkpoint's tensors are cannot change, even on purpose
+    assert train(run, shards, "train.max_steps=4", "optim.name=sgd", "--accept-changes") == 2
+    err = last_error(capsys)
+    assert "cannot resume" in err and "optim.name: adamw -> sgd" in err
+    # a lower lr (what the divergence message suggests) and a longer run, on purpose
+    assert train(run, shards, "train.max_steps=4", "optim.lr=1e-4", "--accept-changes") == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    base = 1e-4 * 16 / 256  # linear scaling of the new lr, cosine over the new 4 steps
+    assert records[2]["lr"] == pytest.approx(base * 0.5 * (1 + np.cos(np.pi * 2 / 4)), rel=1e-6)
+    assert "lr: 0.0001" in (run / "recipe.yaml").read_text()  # now the recipe of the run
+
+
+def test_divergence_message_names_the_switch_resume_needs():
+    from selfsup.trainer import Trainer
+
+    class Stub:
+        run_dir = ROOT / "nonexistent-run"
+    message = Trainer._diverged(Stub(), "the loss of step 4 is nan")
+    assert "lower optim.lr" in message and "--accept-changes" in message
+
+
+# ----------------------------------------------------------------------- no pickle, no code --
+class RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_rank_files_hold_no_pickle_and_a_crafted_one_does_not_run(tmp_path, shards, capsys):
+    run = tmp_path / "run"
+    assert train(run, shards, "train.max_steps=1") == 0
+    ckpt = run / "checkpoints" / "step-000000001"
+    rank = load_file(str(ckpt / "rank-0.safetensors"))
+    assert set(rank) == {"generator"} and not (ckpt / "rank-0.pt").exists()
+    # an older checkpoint's rank-0.pt with tensors and plain values still loads
+    legit = {"generator": rank["generator"], "positions": {0: 16}, "num_workers": 0}
+    (ckpt / "rank-0.safetensors").unlink()
+    torch.save(legit, ckpt / "rank-0.pt")
+    assert train(run, shards, "train.max_steps=1", f"resume={ckpt}") == 0
+    # ...a crafted one is refused, and its command never runs
+    marker = tmp_path / "pwned"
+    torch.save({"generator": RunsACommand(marker)}, ckpt / "rank-0.pt")
+    (ckpt / "rank-0.safetensors").unlink(missing_ok=True)
+    assert train(run, shards, "train.max_steps=1", f"resume={ckpt}") == 2
+    assert not marker.exists()
+    assert "does not unpickle" in last_error(capsys)
+
+
+# ---------------------------------------------------------------- damaged latest checkpoint --
+def test_resume_auto_names_a_damaged_checkpoint_and_goes_on_from_the_previous(tmp_path, shards, capsys):
+    common = ["train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep=3"]
+    full, run = tmp_path / "full", tmp_path / "run"
+    assert train(full, shards, *common) == 0
+    assert train(run, shards, *common) == 0
+    latest = run / "checkpoints" / "step-000000004"
+    model = latest / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # cut short
+    capsys.readouterr()
+    assert train(run, shards, *common, "train.max_steps=4") == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {latest} cannot be loaded" in out and "trying the previous checkpoint" in out
+    assert f"resumed from {run / 'checkpoints' / 'step-000000002'} at step 2" in out
+    a, b = weights(full), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # steps 3-4 redone exactly
+    # an explicit resume=PATH is never swapped for another checkpoint
+    model = latest / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])
+    assert train(run, shards, *common, f"resume={latest}") == 2
+    assert last_error(capsys).startswith(f"selfsup-train: error: checkpoint {latest} cannot be loaded")
+
+
+# ------------------------------------------------------------------------------ disk full --
+def test_a_full_disk_is_one_line_and_the_missing_export_is_written_on_resume(tmp_path, shards, capsys,
+                                                                            monkeypatch):
+    import selfsup.checkpoint as ckpt
+
+    run = tmp_path / "run"
+    common = ["train.max_steps=3", "checkpoint.every_steps=2"]
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):  # what torch's zip writer says when a write comes back short
+        if "optimizer" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 5184 vs 5072")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert train(run, shards, *common) == 2
+    err = last_error(capsys)
+    assert "no space left on the device" in err and "no checkpoint was written before" in err
+    assert not list((run / "checkpoints").iterdir())  # the half-written temp is gone
+    monkeypatch.setattr(torch, "save", real_save)
+    real_file = ckpt.save_file
+
+    def export_fails(tensors, path, *a, **k):
+        if "export" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_file(tensors, path, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", export_fails)
+    assert train(run, shards, *common) == 2
+    assert "its export is written when the run resumes" in last_error(capsys)
+    assert (run / "checkpoints" / "step-000000002").is_dir()
+    assert not list((run / "export").glob("*.safetensors"))
+    monkeypatch.setattr(ckpt, "save_file", real_file)
+    assert train(run, shards, *common) == 0
+    exports = sorted(p.name for p in (run / "export").glob("backbone-step*.safetensors"))
+    assert exports == ["backbone-step000000002.safetensors", "backbone-step000000003.safetensors"]
+
+
+def test_exports_follow_the_umask(tmp_path, shards):
+    old = os.umask(0o022)
+    try:
+        assert train(tmp_path / "run", shards, "train.max_steps=1") == 0
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "run" / "export").glob("*.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+# ------------------------------------------------------------------------------ data --------
+def test_a_truncated_tar_is_counted_and_reported(tmp_path, capsys):
+    index = write_shards(tmp_path / "s", n=32, shard_size=16)
+    tar = tmp_path / "s" / "train-000001.tar"
+    with tarfile.open(tar) as tf:
+        members = tf.getmembers()
+    cut = next(m.offset for m in members if m.name.startswith("train-00000028"))
+    tar.write_bytes(tar.read_bytes()[:cut])  # at a member boundary: tarfile reads it without error
+    loader = ShardLoader(str(index), batch_size=4, num_workers=0, views=[ViewSpec(16, random=False)],
+                         shuffle_buffer=1, samples_per_epoch=28)
+    batches = list(loader.epoch(0))
+    assert sum(b["corrupt"] for b in batches) == 4
+    events = sum((b["events"] for b in batches), [])
+    assert events == [f"{tar} ended after 12 of the 16 samples its index lists (truncated tar?); "
+                      "4 counted as corrupt"]
+    capsys.readouterr()
+    assert train(tmp_path / "run", index, "train.max_steps=1", "data.max_corrupt_fraction=0.5") == 0
+    assert "selfsup-train: warning: " + events[0] in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["corrupt_samples"] == 4  # one pass read (each further pass counts again)
+
+
+def test_more_corrupt_samples_than_the_threshold_stop_the_run(tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 255, (64, 16, 16, 3), dtype=np.uint8)
+    members = {}
+    for i in range(64):
+        members[f"k{i:03d}.png"] = png(images[i]) if i % 3 else b"\x89PNG damaged"
+        members[f"k{i:03d}.cls"] = b"0"
+    index = write_tar_with_index(tmp_path / "s", members)
+    assert train(tmp_path / "a", index, "train.max_steps=8", "data.max_corrupt_fraction=0.2") == 2
+    err = last_error(capsys)
+    assert "could not be read or decoded" in err and "data.max_corrupt_fraction=0.2" in err
+    assert train(tmp_path / "b", index, "train.max_steps=4", "data.max_corrupt_fraction=0.5") == 0
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < records[-1]["corrupt_samples"] < 64
+
+
+def test_one_shard_where_nothing_decodes_among_good_ones(tmp_path):
+    """With 2 workers the worker that got the bad shard has nothing to give: an error, not a
+    hang at step 1; with one reader both shards mix and the bad half is counted."""
+    images = np.random.default_rng(0).integers(0, 255, (16, 16, 16, 3), dtype=np.uint8)
+    good = {f"g{i:03d}.png": png(images[i]) for i in range(16)}
+    bad = {f"b{i:03d}.png": b"\x89PNG damaged" for i in range(16)}
+    write_tar_with_index(tmp_path / "s", good, "train-000000.tar")
+    write_tar_with_index(tmp_path / "s", bad, "train-000001.tar")
+    spec = f"{tmp_path / 's'}/train-{{000000..000001}}.tar"
+    loader = ShardLoader(spec, batch_size=4, num_workers=2, views=[ViewSpec(16)], samples_per_epoch=32)
+    with pytest.raises(DataError, match="could be decoded"):
+        list(loader.epoch(0))
+    loader = ShardLoader(spec, batch_size=4, num_workers=0, views=[ViewSpec(16)], samples_per_epoch=32,
+                         shuffle_buffer=32)
+    batches = list(loader.epoch(0))
+    assert len(batches) == 8 and sum(b["corrupt"] for b in batches) >= 16
+
+
+def test_the_removed_decode_size_key_is_one_line(tmp_path, shards, capsys):
+    assert train(tmp_path / "run", shards, "data.decode_size=0") == 2
+    assert "recipe key 'data.decode_size' was removed" in last_error(capsys)
+
+
+def test_the_monitor_on_unlabelled_shards_fails_at_start(tmp_path, capsys):
+    from selfsup.shard_writer import main as shards_main
+
+    images = np.random.default_rng(0).integers(0, 255, (32, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "u.npz", images=images)
+    assert shards_main([str(tmp_path / "u.npz"), str(tmp_path / "u"), "--split", "train"]) == 0
+    val = write_shards(tmp_path / "v", n=16, split="val")
+    run = tmp_path / "run"
+    assert train(run, tmp_path / "u", "train.max_steps=2", "monitor.every_steps=2",
+                 f"data.val={val}") == 2
+    err = last_error(capsys)
+    assert err.startswith("selfsup-train: error: monitor.train: ") and "no labels" in err
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_a_stop_signal_ends_a_run_stuck_waiting_for_data(tmp_path):
+    """A pipe: shard that never delivers: the trainer waits outside any step. SIGTERM must still
+    end it (exit 75, no checkpoint claimed) instead of being swallowed until SIGKILL."""
+    flag = tmp_path / "reading"
+    spec = f"pipe:touch {flag} && exec sleep 120"
+    cmd = [sys.executable, "-m", "selfsup.cli", TINY, f"data.train={spec}", "data.samples_per_epoch=64",
+           "data.num_workers=1", f"run.dir={tmp_path / 'run'}"]
+    env = {**child_env(), "SELFSUP_STOP_WAIT": "1"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for _ in range(1200):  # the worker has started reading the shard
+            if flag.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert flag.exists(), proc.stderr.read() if proc.poll() is not None else "never read"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the sleep the pipe started, and anything left
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 75, err[-2000:]
+    assert "stopped by signal 15 while waiting for data at step 0" in err
