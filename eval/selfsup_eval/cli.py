@@ -1,10 +1,12 @@
 """``selfsup-eval {knn,linear,all} CHECKPOINT... --train SHARDS --val SHARDS``.
 
 CHECKPOINT is an exported ``.safetensors`` file, a run directory (every
-``export/backbone-step*.safetensors`` in it ordered by step, else ``export/backbone.safetensors``)
-or ``raw-pixels`` (no network: the decoded pixels in [0, 1] are the features, at their native
-size or ``--raw-size``). ``--baseline CHECKPOINT`` adds a reference evaluated by k-NN only and
-listed first (``--baseline raw-pixels``).
+``export/backbone-step*.safetensors`` in it ordered by step, else ``export/backbone.safetensors``),
+``raw-pixels`` (no network: the decoded pixels in [0, 1] are the features, at their native
+size or ``--raw-size``) or, with ``--model TIMM_NAME``, another framework's checkpoint
+(:mod:`selfsup_eval.foreign`). ``--baseline CHECKPOINT`` adds a reference evaluated by k-NN only
+and listed first (``--baseline raw-pixels``). What runs on the features in which mode (k-NN,
+linear, k-NN ⊕ linear, ``--shots``/``--fraction`` low-shot protocols) is :mod:`selfsup_eval.probes`.
 
 Protocol (printed as one line with the table, as DINO's eval scripts do): frozen backbone in eval
 mode; decode, resize the shorter side to the checkpoint's input size and centre-crop it (exact
