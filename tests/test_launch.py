@@ -204,6 +204,25 @@ def test_sbatch_dry_run_prints_each_node_command(tmp_path):
     assert bad.returncode == 2 and "gives 1 hosts for 2 nodes" in bad.stderr
 
 
+def test_sbatch_quotes_a_checkout_path_with_spaces_and_command_substitution(tmp_path):
+    """The checkout path went into the node's `bash -c` unquoted: a space broke it and a
+    `$(...)` in the path ran on the node."""
+    checkout = tmp_path / "my checkout $(touch PWNED)"
+    (checkout / "launch").mkdir(parents=True)
+    shutil.copy(LAUNCH / "torchrun.sh", checkout / "launch" / "torchrun.sh")
+    hosts = fake_slurm_env(tmp_path, ["gpu-a17", "gpu-a18"], SLURM_SUBMIT_DIR=checkout)
+    out = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), "r.yaml", "run.dir=/shared/my run"],
+                         env=env(SELFSUP_DRY_RUN=1, SELFSUP_GPUS_PER_NODE=1, **hosts), cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    node_cmd = out[1].split(": ", 1)[1]
+    assert "SELFSUP_LOCK_WAIT=180" in node_cmd  # a requeue after a node failure waits for the lock
+    node = subprocess.run(["bash", "-c", node_cmd], capture_output=True, text=True, cwd=tmp_path,
+                          env=env(SELFSUP_DRY_RUN=1))
+    assert node.returncode == 0, node.stderr
+    assert not (tmp_path / "PWNED").exists() and not (checkout / "PWNED").exists()
+    assert shlex.split(node.stdout)[-4:] == ["-m", "selfsup.cli", "r.yaml", "run.dir=/shared/my run"]
+
+
 def test_entrypoint_dispatches_subcommands():
     def entry(*args, **kw):
         return subprocess.run(["bash", str(LAUNCH / "entrypoint.sh"), *args], env=env(**kw),
