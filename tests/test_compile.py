@@ -1,5 +1,6 @@
 """``model.compile``: the compiled step equals the eager one (losses and gradients to float
-tolerance, over several steps with optimizer updates and EMA) for every objective; I-JEPA compiles
+tolerance, step by step from the same state, over several steps with optimizer updates, EMA and
+queues) for every objective; I-JEPA compiles
 one graph for all its mask lengths (no recompile per batch) and without graph breaks; a resumed
 compiled I-JEPA run equals an uninterrupted one.
 
@@ -53,27 +54,32 @@ def build(case: str, compile_: bool):
     return build_model(cfg, SimpleNamespace(num_processes=1, device=torch.device("cpu")))
 
 
-def run_steps(obj) -> list[dict]:
+def lockstep(eager, compiled) -> tuple[list[dict], list[dict]]:
     """STEPS training steps as the trainer makes them (forward with the objective's own
-    augmentation and masks, backward, optimizer step, EMA); per step the loss, the metrics and
-    every gradient."""
-    opt = torch.optim.SGD([p for p in obj.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(1)
-    views = obj.views()
+    augmentation and masks, backward, optimizer step, EMA) on both modules side by side; before
+    each step the compiled module gets the eager one's state (weights, EMA copies, queues,
+    counters), so each step is compared from the same state and float differences do not
+    compound over the updates. Per step and module: loss, metrics and every gradient."""
+    runs = []
+    for obj in (eager, compiled):
+        opt = torch.optim.SGD([p for p in obj.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+        runs.append((obj, opt, torch.Generator().manual_seed(1), []))
+    views = eager.views()
     shape = (8, len(views), 3, view_size(views), view_size(views))
-    out = []
     for i in range(STEPS):
         images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
-        loss, metrics = obj({"image": images, "epoch": float(i)}, gen)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in obj.named_parameters() if p.grad is not None}
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for online, target in obj.momentum_pairs():
-            ema_update(online, target, obj.momentum((i + 1) / STEPS))
-        out.append({"loss": loss.detach(), "metrics": {k: float(v) for k, v in metrics.items()},
-                    "grads": grads})
-    return out
+        compiled.load_state_dict(eager.state_dict())
+        for obj, opt, gen, out in runs:
+            loss, metrics = obj({"image": images, "epoch": float(i)}, gen)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in obj.named_parameters() if p.grad is not None}
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for online, target in obj.momentum_pairs():
+                ema_update(online, target, obj.momentum((i + 1) / STEPS))
+            out.append({"loss": loss.detach(), "metrics": {k: float(v) for k, v in metrics.items()},
+                        "grads": grads})
+    return runs[0][3], runs[1][3]
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +90,9 @@ def steps():
 
     def get(case):
         if case not in cache:
-            eager = run_steps(build(case, False))
             torch._dynamo.reset()  # no cache entries or dynamic-shape memory from another case
             before = {k: dict(v) for k, v in counters.items()}
-            compiled = run_steps(build(case, True))
+            eager, compiled = lockstep(build(case, False), build(case, True))
             added = {k: {n: c - before.get(k, {}).get(n, 0) for n, c in v.items()} for k, v in counters.items()}
             cache[case] = eager, compiled, added
         return cache[case]
@@ -104,8 +109,10 @@ def test_compiled_steps_equal_eager_losses_and_gradients(steps, case):
         torch.testing.assert_close(c["loss"], e["loss"], rtol=1e-4, atol=1e-5, msg=f"{case} step {i} loss")
         assert c["grads"].keys() == e["grads"].keys() and e["grads"]
         for name, g in e["grads"].items():
-            torch.testing.assert_close(c["grads"][name], g, rtol=1e-3, atol=1e-5,
-                                       msg=lambda m: f"{case} step {i} grad {name}: {m}")
+            # relative to the gradient's norm: single elements of a conv kernel's gradient differ
+            # by ~1e-5 with inductor's summation order
+            err = float((c["grads"][name] - g).norm() / g.norm().clamp_min(1e-12))
+            assert err < 1e-4, f"{case} step {i} grad {name}: relative error {err:.2e}"
     assert len({float(e["loss"]) for e in eager}) == STEPS  # the steps differ: weights moved
 
 

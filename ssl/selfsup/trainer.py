@@ -38,7 +38,7 @@ from selfsup_io.tracking import TrackerError, check_trackers
 from selfsup.monitor import Monitor
 from selfsup.objectives import build_objective
 from selfsup.optim import create_optimizer
-from selfsup.schedules import ema_update, lr_scheduler, scaled_lr, set_weight_decay
+from selfsup.schedules import EMA, lr_scheduler, scaled_lr, set_weight_decay
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint written, start me again"
 
@@ -142,6 +142,7 @@ class Trainer:
         self.scheduler = lr_scheduler(optimizer, self.total_steps, warmup, oc.warmup_lr, oc.min_lr)
         self.model, self.optimizer = acc.prepare(objective, optimizer)
         self.objective = acc.unwrap_model(self.model)
+        self.ema = EMA(self.objective.momentum_pairs())  # on the device: gathered once
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + acc.process_index)
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0,
                       "corrupt_samples": 0}
@@ -332,8 +333,8 @@ class Trainer:
             # EMA at the step's progress (as lr and weight decay): the first update uses exactly
             # the start momentum, as the official schedulers' first value (I-JEPA, BYOL's cosine)
             momentum = self.objective.momentum(progress)
-            for online, target in self.objective.momentum_pairs():
-                ema_update(online, target, momentum)
+            if self.ema.dst or self.ema.copies:
+                self.ema.update(momentum)
             self.state["step"] += 1
             self.state["images_seen"] += self.global_batch
             window["steps"] += 1
