@@ -98,6 +98,10 @@ def test_resume_refuses_a_changed_recipe_unless_accepted_and_never_a_changed_mod
     assert train(run, shards, "train.max_steps=4", "optim.name=sgd", "--accept-changes") == 2
     err = last_error(capsys)
     assert "cannot resume" in err and "optim.name: adamw -> sgd" in err
+    # accepted, but the head's tensors no longer fit: one line, not a state-dict traceback
+    assert train(run, shards, "train.max_steps=2", "objective.proj_dim=16", "--accept-changes") == 2
+    err = last_error(capsys)
+    assert "do not fit its tensors" in err and "objective.proj_dim: 32 -> 16" in err
     # a lower lr (what the divergence message suggests) and a longer run, on purpose
     assert train(run, shards, "train.max_steps=4", "optim.lr=1e-4", "--accept-changes") == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -29,19 +29,21 @@ def _all_ok(acc, ok: bool) -> bool:
     return failed.item() == 0
 
 
-def _check_recipe(trainer, path: Path) -> None:
+def _check_recipe(trainer, path: Path) -> list[str]:
+    """The accepted recipe changes (empty: none); raises for refused ones."""
     try:
         saved = rundir.saved_recipe(path, trainer.run_dir)
     except Exception as e:  # a damaged recipe.yaml: the load below decides about the rest
         trainer.acc.print(f"resume: cannot read {path / 'recipe.yaml'} ({type(e).__name__}); "
                           "the recipe is not compared")
-        return
+        return []
     if saved is None:
-        return
+        return []
     accepted = rundir.check_resume_recipe(saved, trainer.cfg, path, trainer.accept_changes)
     if accepted:
         trainer.acc.print(f"resume: going on from {path} with the changed recipe "
                           f"(--accept-changes): {'; '.join(accepted)}")
+    return accepted
 
 
 def resume(trainer) -> Path | None:
@@ -54,11 +56,11 @@ def resume(trainer) -> Path | None:
         candidates = [path] if path is not None else []
     if not candidates:
         return None
-    _check_recipe(trainer, candidates[0])
+    accepted = _check_recipe(trainer, candidates[0])
     damaged = []
     for path in candidates:
         if damaged:
-            _check_recipe(trainer, path)
+            accepted = _check_recipe(trainer, path)
         error = None
         try:
             state, rank_state = ckpt.load_checkpoint(acc, path)
@@ -67,6 +69,9 @@ def resume(trainer) -> Path | None:
         if _all_ok(acc, error is None):
             break
         reason = str(error) if error is not None else f"checkpoint {path} cannot be loaded on another rank"
+        if accepted:  # not damage: e.g. objective.proj_dim changed, the head's tensors do not fit
+            raise ckpt.CheckpointError(f"{reason}; the accepted recipe changes ({'; '.join(accepted)}) "
+                                       "do not fit its tensors: restore them or start a new run.dir")
         if cfg.resume != "auto":
             raise ckpt.CheckpointError(reason)
         damaged.append(reason)
