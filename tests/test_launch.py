@@ -119,8 +119,8 @@ def checkpoints(run):
 def assert_complete(ckpt, world_size=1):
     """Every file of a checkpoint, readable, and the step it says it is."""
     files = {p.name for p in ckpt.iterdir()}
-    expected = {"trainer.json", "model.safetensors", "optimizer.bin"} | {
-        f"{name}{r}{ext}" for r in range(world_size) for name, ext in (("rank-", ".pt"),
+    expected = {"trainer.json", "recipe.yaml", "model.safetensors", "optimizer.bin"} | {
+        f"{name}{r}{ext}" for r in range(world_size) for name, ext in (("rank-", ".safetensors"),
                                                                         ("random_states_", ".pkl"))}
     assert files == expected, f"{ckpt.name}: {sorted(files)}"
     state = json.loads((ckpt / "trainer.json").read_text())

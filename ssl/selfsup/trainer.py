@@ -275,6 +275,7 @@ class Trainer:
             bar.close()
             log.close()
             self._lock.release()
+            signal.setitimer(signal.ITIMER_REAL, 0)  # no stop alarm outlives the loop
 
     def _open_log(self) -> MetricsLog:
         """JSONL + the recipe's trackers, opened on the main process. A tracker that does not
@@ -316,6 +317,8 @@ class Trainer:
                     self._arm_stop_timer()
                 batch = next(data)
                 self._waiting = False
+                if self._stop_signal is not None:  # it came in time: no alarm after the checkpoint
+                    signal.setitimer(signal.ITIMER_REAL, 0)
                 for event in batch.pop("events", ()):  # e.g. a shard shorter than its index says
                     print(f"selfsup-train: warning: {event}", file=sys.stderr, flush=True)
                 batch = self.loader.to_device(batch, device)  # data.decode=device: decodes there
