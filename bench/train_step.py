@@ -32,7 +32,7 @@ from lightly.models.modules import SimCLRProjectionHead
 from selfsup.config import load_recipe
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
-from selfsup.schedules import ema_update
+from selfsup.schedules import EMA
 from selfsup.trainer import make_accelerator
 
 LIGHTLY = {"infonce": NTXentLoss, "dcl": DCLLoss, "dclw": DCLWLoss}
@@ -120,14 +120,16 @@ def report(args, device, t_plain: float, t_self: float) -> None:
 
 def trainer_step(acc, opt, objective, forward, momentum=None):
     """The trainer's optimizer step as a closure: ``forward()`` gives the loss; accelerate
-    backward, step, and the EMA of the objective's momentum pairs when ``momentum`` is set."""
+    backward, step, and the EMA of the objective's momentum pairs when ``momentum`` is set
+    (gathered once, as the trainer does)."""
+    ema = EMA(objective.momentum_pairs())
+
     def step():
         acc.backward(forward())
         opt.step()
         opt.zero_grad(set_to_none=True)
         if momentum is not None:
-            for online, target in objective.momentum_pairs():
-                ema_update(online, target, momentum)
+            ema.update(momentum)
     return step
 
 
