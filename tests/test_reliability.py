@@ -320,3 +320,16 @@ def test_a_stop_signal_ends_a_run_stuck_waiting_for_data(tmp_path):
             pass
     assert proc.returncode == 75, err[-2000:]
     assert "stopped by signal 15 while waiting for data at step 0" in err
+
+
+def test_recipe_changes_ignore_keys_a_newer_selfsup_added_and_see_whole_model_kwargs():
+    from selfsup.rundir import RunDirError, check_resume_recipe, recipe_changes
+
+    saved = {"model": {"name": "vit", "kwargs": {}}, "optim": {"lr": 1e-3}, "train": {"log_every": 1}}
+    now = {"model": {"name": "vit", "kwargs": {}}, "optim": {"lr": 1e-3}, "train": {"log_every": 5},
+           "data": {"max_corrupt_fraction": 0.1}}  # a key this checkpoint's selfsup did not have
+    assert recipe_changes(saved, now) == []
+    grown = {**now, "model": {"name": "vit", "kwargs": {"img_size": 64}}}
+    assert recipe_changes(saved, grown) == ["model.kwargs: {} -> {'img_size': 64}"]
+    with pytest.raises(RunDirError, match="changed what its tensors are"):
+        check_resume_recipe(saved, grown, ROOT / "ckpt", accept=True)

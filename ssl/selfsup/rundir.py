@@ -131,14 +131,32 @@ def _matches(key: str, prefixes: tuple) -> bool:
 
 def recipe_changes(saved, current) -> list[str]:
     """Keys whose value differs between the checkpoint's recipe and the current one, harmless
-    keys left out, as ``key: old -> new``."""
+    keys left out, as ``key: old -> new``. A key only one side has is a key a newer (or older)
+    selfsup added (or removed) with its default: it is not a change the user made, so it is
+    left out too (a run must resume after an upgrade)."""
     old, new = _flat(saved), _flat(current)
     out = []
-    for key in sorted(set(old) | set(new)):
-        if _matches(key, HARMLESS) or old.get(key) == new.get(key):
+    for key in sorted(set(old) & set(new)):
+        if _matches(key, HARMLESS) or _matches(key, STRUCTURAL) or old[key] == new[key]:
             continue
-        out.append(f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}")
+        out.append(f"{key}: {old[key]} -> {new[key]}")
+    for key in STRUCTURAL:  # whole values: model.kwargs {} -> {img_size: 64} is one change
+        a, b = _lookup(saved, key), _lookup(current, key)
+        if a is not _MISSING and b is not _MISSING and a != b:
+            out.append(f"{key}: {a} -> {b}")
     return out
+
+
+_MISSING = object()
+
+
+def _lookup(cfg, key: str):
+    value = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
 
 
 def check_resume_recipe(saved, current, checkpoint: Path, accept: bool) -> list[str]:
