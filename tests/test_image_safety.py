@@ -132,3 +132,19 @@ def test_selfsup_shards_does_not_follow_a_link_back_up(tmp_path, capsys):
               if k.endswith(".json")}
     assert labels == {**{f"cat/{i}.png": 0 for i in range(3)}, **{f"dog/{i}.png": 1 for i in range(5)}}
     assert "not following 2 link(s)" in capsys.readouterr().err
+
+
+def test_the_training_loader_cuts_a_thin_strip_without_resizing_it_whole(tmp_path, monkeypatch):
+    """The trainer's views are cut from crop boxes over the original (at most the strip's own
+    20,000 pixels are decoded): with a budget just above that the strip still decodes."""
+    monkeypatch.setenv("SELFSUP_MAX_PIXELS", "25000")
+    strip = png_bytes(Image.new("L", (1, 20000), 128))
+    with tarfile.open(tmp_path / "s-000000.tar", "w") as tf:
+        info = tarfile.TarInfo("k0.png")
+        info.size = len(strip)
+        tf.addfile(info, io.BytesIO(strip))
+    loader = ShardLoader(str(tmp_path / "s-000000.tar"), batch_size=1, num_workers=0,
+                         views=[ViewSpec(256, (0.08, 1.0))] * 2, samples_per_epoch=1)
+    (batch,) = list(loader.epoch(0))
+    assert batch["corrupt"] == 0 and batch["image"].shape == (1, 2, 3, 256, 256)
+    assert int(batch["image"].float().mean().round()) == 128
