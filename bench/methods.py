@@ -10,11 +10,27 @@ JigClu a feature map that splits into 2x2 tiles, so those two keep their small r
 (`recipes/ijepa_vit_tiny.yaml`, `recipes/jigclu_small.yaml`) — the table says so.
 
     python bench/methods.py [--images 60000] [--seeds 0 1 2] [--batch-size 256]
-        [--objectives infonce dcl dclw moco mochi infonce_halluc ijepa jigclu] [--out bench/results/methods]
+        [--objectives infonce dcl dclw moco mochi infonce_halluc ijepa jigclu ...] [--out bench/results/methods]
         [--parallel 1] [--precision fp32]
 
 On one GPU: ``python bench/methods.py --images 30000 --parallel 12 --precision bf16 --out
 bench/results/methods-gpu`` (the runs are small; 12 share the GPU and the CPU cores decode).
+
+Method fidelity (issue 15), each pair at the 4x budget of bench/RESULTS.md, 3 seeds, into a fresh
+directory (runs.jsonl there holds no pre-#15 rows under the same names):
+
+    python bench/methods.py --images 120000 --seeds 0 1 2 --out bench/results/methods-fidelity \
+        --objectives moco moco_plainbn moco_halluc infonce_halluc infonce_halluc_masked \
+                     ijepa ijepa_context mochi mochi_early
+
+* shuffle/split-BN: ``moco`` (on, moco.yaml) vs ``moco_plainbn`` (off: one BN group, no shuffle);
+* the Hallucinator on MoCo (the paper's headline setting): ``moco_halluc`` vs ``moco``
+  (``moco_halluc_twice``: the authors' queue of duplicated keys);
+* the Hallucinator on SimCLR: ``infonce_halluc`` (published NT-Xent) vs ``infonce_halluc_masked``;
+* I-JEPA's export: ``ijepa`` (target/EMA encoder) vs ``ijepa_context`` (the same training);
+* MoCHi: ``mochi`` (mixing after the queue has filled) vs ``mochi_early`` (before) and ``moco``.
+On a GPU, the method table at ten times that budget: ``python bench/methods.py --images 1200000
+--parallel 8 --precision bf16 --out bench/results/methods-gpu-10x``.
 
 Run directories go to runs/bench-methods/. Results: one JSON line per run appended to OUT/runs.jsonl (reruns skip what is there), and a
 markdown table (mean ± half-range over seeds) printed and written to OUT/table.md.
@@ -49,24 +65,39 @@ RESNET = ["model.name=resnet10t", "model.small_stem=false", "model.channels_last
           "optim.name=adamw", "optim.lr=2e-3", "optim.weight_decay=1e-4", "optim.momentum=0.9",
           "optim.warmup_epochs=0.1", "optim.lr_scaling=linear"]
 HEAD = ["objective.temperature=0.2", "objective.proj_hidden_dim=512", "objective.proj_dim=128"]
-# MoCo at this scale: a 4096-key queue (16 steps of 256), momentum 0.99; MoCHi(256, 128, 64)
+# MoCo at this scale: a 4096-key queue (16 steps of 256), momentum 0.99; MoCHi(256, 128, 64).
+# moco.yaml's shuffle-BN with 8 BatchNorm groups (8 x 32 at batch 256) is on unless a row says so.
 MOCO = ["objective.queue_size=4096", "objective.momentum=0.99"]
+MOCHI = ["objective.mochi.n=256", "objective.mochi.s=128", "objective.mochi.s_prime=64"]
+HALLUC = ["objective.hallucinator.enabled=true", "objective.hallucinator.hidden_dim=256"]
 
 OBJECTIVES = {
     "infonce": (["recipes/simclr.yaml"], RESNET + HEAD),
     "dcl": (["recipes/dcl.yaml"], RESNET + HEAD),
     "dclw": (["recipes/dclw.yaml"], RESNET + HEAD),
     "moco": (["recipes/moco.yaml"], RESNET + HEAD + MOCO),
-    "mochi": (["recipes/mochi.yaml"], RESNET + HEAD + MOCO + [
-        "objective.mochi.n=256", "objective.mochi.s=128", "objective.mochi.s_prime=64",
-        "objective.mochi.start_epoch=0.05"]),
-    "infonce_halluc": (["recipes/simclr.yaml"], RESNET + HEAD + [
-        "objective.hallucinator.enabled=true", "objective.hallucinator.hidden_dim=256"]),
-    "ijepa": (["recipes/ijepa_vit_tiny.yaml"], []),
+    # mixing from epoch 0.1 (step 23 of 234 a Fashion-MNIST epoch), after the queue has filled
+    # (step 16); mochi_early is the earlier setting (step 12), which the objective warns about
+    "mochi": (["recipes/mochi.yaml"], RESNET + HEAD + MOCO + MOCHI + ["objective.mochi.start_epoch=0.1"]),
+    "infonce_halluc": (["recipes/simclr.yaml"], RESNET + HEAD + HALLUC),  # the published NT-Xent
+    "ijepa": (["recipes/ijepa_vit_tiny.yaml"], []),  # exports the target (EMA) encoder
     "jigclu": (["recipes/jigclu_small.yaml"], []),
+    # issue 15's comparisons (the pairs are listed in the module docstring)
+    "moco_plainbn": (["recipes/moco.yaml"], RESNET + HEAD + MOCO + [
+        "objective.shuffle_bn=false", "objective.bn_splits=1"]),  # selfsup's MoCo before #15
+    "moco_halluc": (["recipes/moco_hallucinator.yaml"], RESNET + HEAD + MOCO + HALLUC),
+    "moco_halluc_twice": (["recipes/moco_hallucinator.yaml"], RESNET + HEAD + MOCO + HALLUC + [
+        "objective.hallucinator.enqueue_twice=true"]),  # the authors' queue of [k; k]
+    "infonce_halluc_masked": (["recipes/simclr.yaml"], RESNET + HEAD + HALLUC + [
+        "objective.hallucinator.mask_same_image=true"]),  # infonce_halluc's rows before #15
+    "ijepa_context": (["recipes/ijepa_vit_tiny.yaml"], ["objective.export=context"]),
+    "mochi_early": (["recipes/mochi.yaml"], RESNET + HEAD + MOCO + MOCHI + ["objective.mochi.start_epoch=0.05"]),
 }
-OWN_DATA = ("ijepa", "jigclu")
-BACKBONE = {"ijepa": "ViT (6x192, patch 4, 32 px)", "jigclu": "resnet10t, 64 px montages"}
+# the default run: the method table; the other rows are run by name (--objectives)
+DEFAULT = ["infonce", "dcl", "dclw", "moco", "mochi", "infonce_halluc", "ijepa", "jigclu"]
+OWN_DATA = ("ijepa", "ijepa_context", "jigclu")
+VIT = "ViT (6x192, patch 4, 32 px)"
+BACKBONE = {"ijepa": VIT, "ijepa_context": VIT, "jigclu": "resnet10t, 64 px montages"}
 
 
 def run_one(name: str, seed: int, images: int, batch: int, train: str, val: str, precision: str) -> dict:
@@ -135,7 +166,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=60000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    p.add_argument("--objectives", nargs="+", default=DEFAULT, choices=list(OBJECTIVES))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "methods")
     p.add_argument("--no-raw", action="store_true", help="skip the raw-pixel baseline")
     p.add_argument("--eval-train", default=TRAIN, help="labelled shards the probes train on")

@@ -12,7 +12,7 @@ from selfsup.config import RecipeError, load_recipe
 from selfsup.losses import contrastive_logits_loss, pair_similarities
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
-from selfsup.objectives.mixing import HardNegativeMixer, MochiConfig, mix_hard_negatives
+from selfsup.objectives.mixing import HardNegativeMixer, MochiConfig, mix_hard_negatives, same_class_share
 from selfsup.objectives.simclr import contrastive_loss
 from tinyrun import MOCO, losses, run_recipe_and_evaluate, train
 
@@ -197,6 +197,58 @@ def test_mixed_points_are_never_enqueued():
     assert torch.equal(obj.queue[6:], old[6:]) and not obj.queue.requires_grad
     loss.backward()
     assert obj.queue.grad is None
+
+
+MOCHI_MOCO = ["objective.name=moco", "objective.queue_size=32", "objective.mochi.n=8",
+              "objective.mochi.s=4", "objective.mochi.s_prime=2"]
+
+
+@pytest.mark.parametrize("start,warned", [(0.3, True), (0.6, False), (0.0, True)])
+def test_mixing_before_the_queue_is_full_is_one_warning_line(capsys, start, warned):
+    """K = 32 keys, 6 a step: real keys only after 6 steps. Epoch 0.1 a step: start_epoch 0.3
+    mixes after 3 steps (warned at the second step, when the rate is known), 0.6 after 6 (fine),
+    0 at once (warned at the first step)."""
+    obj = build(*MOCHI_MOCO, f"objective.mochi.start_epoch={start}")
+    for i in range(3):
+        obj({"views": views(seed=i), "epoch": 0.1 * i}, torch.Generator().manual_seed(i))
+        err = capsys.readouterr().err
+        if i == (0 if start == 0 else 1) and warned:
+            assert err.count("\n") == 1 and err.startswith("selfsup-train: warning: MoCHi starts mixing "
+                                                           f"after {round(start * 10)} steps"), err
+            assert "the 32-key queue holds only real keys after 6 (6 keys a step)" in err
+            assert ("start_epoch >= 0.6" in err) == (start > 0)  # the rate is known from step 2
+        else:
+            assert err == "", err
+
+
+def test_same_class_share_counts_known_labels_only():
+    hard = torch.tensor([[0, 1], [2, 3]])
+    # anchor 0 (class 0): entries 0 (class 0, same), 1 (class 1); anchor 1: 2 (unknown), 3 (same)
+    share = same_class_share(hard, torch.tensor([0, 1]), torch.tensor([0, 1, -1, 1]))
+    assert share.item() == pytest.approx(2 / 3)
+    assert same_class_share(hard, torch.tensor([-1, -1]), torch.tensor([0, 1, 0, 1])).isnan()
+
+
+def test_same_class_share_of_the_hardest_negatives_is_logged_when_the_monitor_has_labels():
+    monitor = ["monitor.every_steps=5", "data.val=some/val-{000000..000001}.tar"]
+    obj = build(*MOCHI_MOCO, "objective.mochi.start_epoch=0", *monitor)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    queue_labels = torch.arange(32) % 4 - 1  # -1 (unknown), 0, 1, 2, ...
+    obj.queue_label.copy_(queue_labels)
+    queue = obj.queue.clone()
+    v0, v1 = views()
+    with torch.no_grad():  # the queries as forward makes them (BatchNorm on the same batch)
+        qn = F.normalize(obj.head(obj.backbone(v0)), dim=1)
+    hard = (qn @ queue.T).topk(8, dim=1).indices
+    pool = queue_labels[hard]
+    same, known = (pool == labels[:, None]) & (pool >= 0), (pool >= 0)
+    _, metrics = obj({"views": [v0, v1], "epoch": 0.0, "label": labels}, torch.Generator().manual_seed(0))
+    assert metrics["mochi_hard_same_class"].item() == pytest.approx(same.sum().item() / known.sum().item())
+    assert torch.equal(obj.queue_label[:6], labels)  # the keys' labels enter the queue with them
+    # without a monitor with labels, no metric (and no label bookkeeping)
+    _, metrics = build(*MOCHI_MOCO, "objective.mochi.start_epoch=0")(
+        {"views": [v0, v1], "epoch": 0.0, "label": labels}, torch.Generator().manual_seed(0))
+    assert "mochi_hard_sim" in metrics and "mochi_hard_same_class" not in metrics
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1,7 +1,9 @@
 """MoCo-v2: loss over the queue, key encoder (no gradient, trainer EMA), FIFO queue gathered from
-every process, queue restored on resume, the recipe end to end."""
+every process, shuffle-BN and split-BN, queue restored on resume, the recipe end to end."""
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 
-from conftest import ROOT
+from conftest import ROOT, child_env, torchrun_cmd
 from selfsup.config import load_recipe
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
@@ -138,7 +140,79 @@ def test_resume_restores_the_queue_exactly(tmp_path, shards):
     assert not torch.equal(mid["queue"], a["queue"]) and int(mid["queue_ptr"]) == 48
 
 
+def test_keys_are_normalised_per_shuffled_group():
+    """Split-BN with 3 groups and shuffle-BN, checked by hand: the key encoder receives the key
+    batch in the order of a permutation drawn from the generator, its first BatchNorm normalises
+    each group of 2 consecutive rows with that group's own statistics, and the keys come back in
+    the original order, equal to encoding each group alone."""
+    obj = build("objective.bn_splits=3", "objective.shuffle_bn=true", "train.batch_size=6")
+    bns = [m for m in obj.backbone_key.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(m.bn_splits == 3 for m in bns)
+    seen = {}
+    obj.backbone_key.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))  # returns None
+    bns[0].register_forward_hook(lambda m, a, out: seen.update(bn=(a[0], out.clone())))  # ReLU is in place
+    v0, v1 = views()
+    obj({"views": [v0, v1]}, torch.Generator().manual_seed(3))
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(3))  # the only draw
+    assert not torch.equal(perm, torch.arange(6))
+    assert torch.equal(seen["x"], v1[perm])
+    x, out = seen["bn"]
+    bn = bns[0]
+    for g in range(3):  # BatchNorm of each group by hand: biased variance over (N, H, W)
+        xg = x[2 * g:2 * g + 2]
+        mean = xg.mean(dim=(0, 2, 3), keepdim=True)
+        var = xg.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        by_hand = (xg - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+        torch.testing.assert_close(out[2 * g:2 * g + 2], by_hand, rtol=1e-10, atol=1e-10)
+    whole = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / torch.sqrt(x.var(dim=(0, 2, 3), unbiased=False, keepdim=True) + bn.eps)
+    assert (out - whole).abs().max() > 1e-2  # the groups matter
+    # keys (enqueued at 0..5) in the original order, each image's key from its own group alone
+    for m in bns:
+        m.bn_splits = 1
+    expected = torch.empty(6, 32, dtype=torch.float64)
+    with torch.no_grad():
+        for g in range(3):
+            rows = perm[2 * g:2 * g + 2]
+            expected[rows] = F.normalize(obj.head_key(obj.backbone_key(v1[rows])), dim=1)
+    torch.testing.assert_close(obj.queue[:6], expected, rtol=0, atol=1e-12)
+
+
+def test_group_batchnorm_is_kept_per_process_and_off_restores_sync_batchnorm():
+    """Shuffle-BN needs per-process statistics (MoCo uses no SyncBatchNorm); the trainer asks the
+    objective. bn_splits=1 with shuffle off is the earlier behaviour: SyncBatchNorm on GPUs."""
+    obj = build("objective.bn_splits=2")
+    assert obj.sync_batchnorm() is obj
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in obj.modules())
+    off = build("objective.shuffle_bn=false").sync_batchnorm()
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in off.modules())
+
+
+def test_split_bn_on_one_process_equals_shuffle_bn_on_two(tmp_path):
+    """1 process with bn_splits=2 and 2 processes (torchrun, gloo) with shuffle-BN on the same
+    global batch: the same groups from the same permutation (rank 0's), so the same losses, step
+    after step (SGD + EMA between), and the same queue. Exact up to float64 summation order,
+    because every quantity is computed on the same rows: the queries' groups are the processes'
+    slices, the keys' groups the slices of the permuted batch, and the 2-process loss is the mean
+    of two equal-sized local means. Not comparable: BatchNorm's running statistics (one update
+    per group here, one per process there; only eval mode uses them), and runs where the two
+    draw their permutations from different generator states (the trainer's augmentation draws
+    depend on the local batch size)."""
+    script, tiny = str(ROOT / "tests" / "scripts" / "shuffle_bn_check.py"), str(TINY)
+    env = child_env()
+    r = subprocess.run([sys.executable, script, tiny, str(tmp_path / "one.pt")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(torchrun_cmd(2, script, tiny, str(tmp_path / "two.pt")), env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-10, abs=1e-10)
+    torch.testing.assert_close(one["queue"], two["queue"], rtol=0, atol=1e-10)
+    assert max(one["losses"]) - min(one["losses"]) > 1e-3  # the steps differ: the check has teeth
+
+
 @pytest.mark.parametrize("args,message", [
+    (["objective.bn_splits=3"], "objective.bn_splits=3 must be >= 1 and divide train.batch_size=16"),
     (["objective.queue_size=8"], "objective.queue_size=8 is smaller than the 16 keys enqueued every step"),
     (["objective.momentum=1.5"], "objective.momentum must be in [0, 1]"),
     (["objective.temperature=0"], "objective.temperature must be > 0"),

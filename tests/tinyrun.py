@@ -24,7 +24,9 @@ TINY = ["data.num_workers=0", "data.shuffle_buffer=64", "augment.size=16",
         "checkpoint.every_steps=0", "objective.proj_hidden_dim=64", "objective.proj_dim=32"]
 # ...for objectives without a projection head (I-JEPA): the same minus the head sizes
 TINY_NO_HEAD = [o for o in TINY if not o.startswith("objective.proj_")]
-MOCO = ["objective.queue_size=64", "objective.momentum=0.9"]  # the queue holds 4 steps of keys
+# the queue holds 4 steps of keys; BatchNorm in 2 groups of 8 (moco.yaml's 8 splits would leave
+# groups of 2 at batch 16, where BatchNorm turns a 1x1 feature map into ±1: nothing is learnt)
+MOCO = ["objective.queue_size=64", "objective.momentum=0.9", "objective.bn_splits=2"]
 
 
 def train(recipe: str, shards, run_dir: Path, *overrides: str, tiny=TINY) -> int:

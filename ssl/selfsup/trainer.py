@@ -104,7 +104,7 @@ def build_model(cfg, acc: Accelerator):
         objective.compile_step()  # the backbone's entry method, or what the objective says
     if acc.num_processes > 1 and acc.device.type == "cuda" and any(
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in objective.modules()):
-        objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+        objective = objective.sync_batchnorm()  # SyncBatchNorm, unless the method says otherwise
     return objective
 
 

@@ -70,9 +70,13 @@ class Objective(nn.Module):
         getattr(self, name).add_(1)
         return value
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      *args, **kwargs)
         for name in self._host_counts:  # one sync per load, none per step
+            if prefix + name in missing_keys:  # a checkpoint from before the counter existed
+                missing_keys.remove(prefix + name)  # (MoCo's enqueue_calls): it stays 0
             self._host_counts[name] = int(getattr(self, name))
 
     def views(self) -> list[ViewSpec]:
@@ -98,6 +102,12 @@ class Objective(nn.Module):
                 net.compile()
             else:
                 setattr(net, self.backbone_entry, torch.compile(getattr(net, self.backbone_entry)))
+
+    def sync_batchnorm(self) -> nn.Module:
+        """Several GPUs: the module to train with BatchNorm synchronised across processes (the
+        trainer calls this instead of converting itself). An objective whose method keeps
+        per-process statistics on purpose (MoCo's shuffle-BN) returns itself."""
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(self)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """``(online, target)`` module pairs the trainer updates by EMA after each optimizer

@@ -128,3 +128,16 @@ class HardNegativeMixer:
         mixed = mix_hard_negatives(anchors, pool, sim, self.n, self.s, self.s_prime, generator)
         extra = torch.einsum("md,mkd->mk", anchors, mixed.features)
         return extra, mixed
+
+
+def same_class_share(hard: torch.Tensor, anchor_labels: torch.Tensor,
+                     pool_labels: torch.Tensor) -> torch.Tensor:
+    """Share of the anchors' hardest negatives (``hard``, (M, N) pool indices) that have the
+    anchor's class, over the pairs whose two labels are known (-1: unknown); NaN when none is.
+    A diagnostic, not part of the loss: a same-class "negative" is a false negative, and mixing
+    from many of them pushes the anchor away from its own class (docs/methods.md §2.3). One
+    gather of M·N labels, no host sync."""
+    pool = pool_labels[hard]
+    anchor = anchor_labels.unsqueeze(1)
+    known = (pool >= 0) & (anchor >= 0)
+    return ((pool == anchor) & known).sum().float() / known.sum().float()

@@ -17,13 +17,19 @@ with InfoNCE, DCL or DCLW over the queue; MoCHi and the Hallucinator plug in fro
   drops the positive from the denominator). Asymmetric, as MoCo-v2: view 0 gives the queries,
   view 1 the keys. Computed in fp32 with autocast off (τ = 0.2 over 65536 logits is too fine for
   bf16).
-* **BatchNorm**: MoCo-v2 shuffles the key batch across GPUs so that BN statistics cannot leak
-  which key matches which query. We do not shuffle: on one process the key encoder's BN sees the
-  key batch (accepted for single-process runs); on multi-GPU runs the trainer converts BN to
-  SyncBatchNorm, so key statistics come from the whole global batch, which carries little
-  per-sample information at MoCo's batch sizes. The MoCo-v2 head (Linear–ReLU–Linear) has no BN.
+* **BatchNorm** (:mod:`selfsup.objectives.shuffle_bn`): as MoCo-v2, the key batch is shuffled
+  across processes before the key encoder and unshuffled after (``shuffle_bn``), and every
+  process's BatchNorm sees only its own images (no SyncBatchNorm: :meth:`sync_batchnorm`).
+  ``bn_splits = S`` splits each process's batch into S BatchNorm groups in both encoders, so one
+  process emulates S GPUs (``moco.yaml``: 8 groups of 32 at batch 256, MoCo-v2's 8 GPUs × 32).
+  ``shuffle_bn: false, bn_splits: 1`` is selfsup's earlier behaviour (one process: the key
+  encoder's BN sees the whole key batch; several GPUs: SyncBatchNorm). The MoCo-v2 head
+  (Linear–ReLU–Linear) has no BN.
 * **MoCHi** (``objective.mochi``): extra per-query negatives mixed from that query's hardest
-  queue entries (:mod:`selfsup.objectives.mixing`), never enqueued.
+  queue entries (:mod:`selfsup.objectives.mixing`), never enqueued. One warning line when mixing
+  would start before the queue holds real keys only (:meth:`_check_mixing_start`); with the
+  online monitor on and labelled shards, the metric ``mochi_hard_same_class`` is the share of
+  the hardest queue entries that have the query's class (the queue keeps the keys' labels).
 * **Hallucinator** (``objective.hallucinator``): queries ``[q; h]`` against keys ``[k; k]``; the
   keys are enqueued once (:mod:`selfsup.objectives.hallucinator` explains why).
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +54,8 @@ from selfsup.errors import RecipeError
 from selfsup.losses import check_loss, contrastive_logits_loss, gather_cat
 from selfsup.objectives.base import Objective, register
 from selfsup.objectives.hallucinator import Hallucinator, HallucinatorConfig, check_hallucinator
-from selfsup.objectives.mixing import HardNegativeMixer, MochiConfig, check_mochi
+from selfsup.objectives.mixing import HardNegativeMixer, MochiConfig, check_mochi, same_class_share
+from selfsup.objectives.shuffle_bn import has_batchnorm, shuffled_keys, split_batchnorm
 from selfsup.schedules import cosine
 
 
@@ -66,6 +74,8 @@ class MoCo(Objective):
         proj_dim: int = 128
         proj_layers: int = 2
         proj_batch_norm: bool = False  # MoCo-v2: no BN in the head
+        shuffle_bn: bool = True  # shuffle keys across processes (and BN groups) around the key encoder
+        bn_splits: int = 1  # BatchNorm groups per process in both encoders (split-BN); 1: the batch
         mochi: MochiConfig = field(default_factory=MochiConfig)
         hallucinator: HallucinatorConfig = field(default_factory=HallucinatorConfig)
 
@@ -78,14 +88,25 @@ class MoCo(Objective):
         global_batch = cfg.train.batch_size * dist.world_size()
         if oc.hallucinator.enabled and oc.hallucinator.enqueue_twice:
             global_batch *= 2  # [k; k] enqueued
+        self._keys_per_step = global_batch
         if oc.queue_size < global_batch:
             raise RecipeError(f"objective.queue_size={oc.queue_size} is smaller than the "
                               f"{global_batch} keys enqueued every step")
         check_mochi(oc.mochi, oc.queue_size, "queue entries")
         check_hallucinator(oc.hallucinator)
+        if oc.bn_splits < 1 or cfg.train.batch_size % oc.bn_splits:
+            raise RecipeError(f"objective.bn_splits={oc.bn_splits} must be >= 1 and divide "
+                              f"train.batch_size={cfg.train.batch_size}")
         self.augment = BatchAugment.from_config(cfg.augment)
         self.head = MoCoProjectionHead(backbone.num_features, oc.proj_hidden_dim, oc.proj_dim,
                                        oc.proj_layers, oc.proj_batch_norm)
+        split_batchnorm(backbone, oc.bn_splits)  # before the copy: the key encoder gets it too
+        split_batchnorm(self.head, oc.bn_splits)
+        bn = has_batchnorm(backbone) or has_batchnorm(self.head)
+        # per-process BatchNorm (MoCo): the trainer must not convert it to SyncBatchNorm
+        self._group_bn = bn and (oc.shuffle_bn or oc.bn_splits > 1)
+        # shuffling matters only with BatchNorm and more than one group of keys
+        self._shuffle = bn and oc.shuffle_bn and (dist.world_size() > 1 or oc.bn_splits > 1)
         self.backbone_key = copy.deepcopy(backbone)
         self.head_key = copy.deepcopy(self.head)
         deactivate_requires_grad(self.backbone_key)
@@ -93,6 +114,15 @@ class MoCo(Objective):
         # the same seed on every process (the trainer seeds before building) → the same queue
         self.register_buffer("queue", F.normalize(torch.randn(oc.queue_size, oc.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_counter("enqueue_calls")  # checkpointed: when the random entries are gone
+        # the keys' class labels (-1: unknown), for the same-class share of MoCHi's hard
+        # negatives; not checkpointed (a resumed run relearns them as the queue turns over)
+        mc = cfg.monitor  # "when the monitor has labels": it is on and has labelled shards
+        self._label_hard = (oc.mochi.s + oc.mochi.s_prime > 0 and bool(mc.every_steps)
+                            and bool(mc.val or cfg.data.val))
+        self.register_buffer("queue_label", torch.full((oc.queue_size,), -1, dtype=torch.long),
+                             persistent=False)
+        self._mix_checked, self._last_epoch = False, None
         self.mixer = HardNegativeMixer(oc.mochi)
         self.hallucinator = (Hallucinator.from_config(oc.hallucinator, oc.proj_dim)
                              if oc.hallucinator.enabled else None)
@@ -104,33 +134,79 @@ class MoCo(Objective):
     def momentum_pairs(self):
         return [(self.backbone, self.backbone_key), (self.head, self.head_key)]
 
+    def sync_batchnorm(self):
+        """Per-process BatchNorm groups with shuffle-BN or split-BN, as MoCo; else SyncBatchNorm."""
+        return self if self._group_bn else super().sync_batchnorm()
+
     def momentum(self, progress: float) -> float:
         m = self.cfg.objective.momentum
         return cosine(m, 1.0, progress) if self.cfg.objective.momentum_cosine else m
 
     # ------------------------------------------------------------------------------ queue ----
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Write the normalised keys of every process (rank order) at ``queue_ptr``, wrapping."""
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Write the normalised keys of every process (rank order) at ``queue_ptr``, wrapping;
+        their labels too when given (the same rows on every process)."""
         keys = gather_cat(keys.detach().to(self.queue.dtype), grad=False)
         k = self.queue.shape[0]
         idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % k
         self.queue[idx] = keys
+        if labels is not None:
+            self.queue_label[idx] = gather_cat(labels.to(idx.device, torch.long), grad=False)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % k)
+        self.next_count("enqueue_calls")
+
+    def _check_mixing_start(self, epoch: float) -> None:
+        """One warning line, once, when MoCHi would start mixing before the queue has been
+        filled with real keys: its first mixes would be built from the random initial entries.
+        Known at the first mixing step, or earlier from the epoch's advance per step (the second
+        step of a run that mixes later)."""
+        if self._mix_checked or not self.mixer.enabled or not math.isfinite(epoch):
+            return
+        calls, rate = self._host_counts["enqueue_calls"], None
+        if self._last_epoch is not None and epoch > self._last_epoch:
+            rate = epoch - self._last_epoch  # epochs per step
+        self._last_epoch = epoch
+        if self.mixer.active(epoch):
+            at_start = calls
+        elif rate is None:
+            return
+        else:
+            at_start = calls + math.ceil((self.mixer.start_epoch - epoch) / rate - 1e-9)
+        self._mix_checked = True
+        k, kps = self.queue.shape[0], self._keys_per_step
+        full = math.ceil(k / kps)  # steps until every random entry has been overwritten
+        if at_start >= full or dist.rank() != 0:
+            return
+        need = f"; set objective.mochi.start_epoch >= {full * rate:.3g}" if rate else ""
+        print(f"selfsup-train: warning: MoCHi starts mixing after {at_start} steps (objective.mochi."
+              f"start_epoch={self.mixer.start_epoch:g}) but the {k}-key queue holds only real keys "
+              f"after {full} ({kps} keys a step): its first mixes are built from random "
+              f"vectors{need}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------------------- loss ----
     @torch.no_grad()
-    def keys(self, views: torch.Tensor) -> torch.Tensor:
+    def _encode_keys(self, views: torch.Tensor) -> torch.Tensor:
         if self.cfg.model.channels_last:  # the trainer's input hook sits on the query backbone only
             views = views.contiguous(memory_format=torch.channels_last)
         k = self.head_key(self.backbone_key(views))
         return F.normalize(k.to(torch.promote_types(k.dtype, torch.float32)), dim=1)
 
+    @torch.no_grad()
+    def keys(self, views: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised keys of ``views`` in their order; shuffle-BN draws its permutation from
+        ``generator`` (the trainer's, checkpointed)."""
+        if self._shuffle:
+            return shuffled_keys(self._encode_keys, views, generator)
+        return self._encode_keys(views)
+
     def loss_from_views(self, v0: torch.Tensor, v1: torch.Tensor, generator=None,
-                        epoch: float = math.inf):
+                        epoch: float = math.inf, labels: torch.Tensor | None = None):
         oc = self.cfg.objective
+        self._check_mixing_start(epoch)
+        labels = labels if self._label_hard else None
         q = self.head(self.backbone(v0))
-        k = self.keys(v1)
+        k = self.keys(v1, generator)
         with torch.autocast(device_type=q.device.type, enabled=False):
             q = q.to(torch.promote_types(q.dtype, torch.float32))
             k = k.to(q.dtype)
@@ -147,9 +223,14 @@ class MoCo(Objective):
             if self.mixer.active(epoch):
                 extra, mixed = self.mixer.extra_similarities(qn, queue, neg, generator)
                 metrics["mochi_hard_sim"] = neg.detach().gather(1, mixed.hard).mean()
+                if labels is not None:  # [q; h] rows share their image's label
+                    metrics["mochi_hard_same_class"] = same_class_share(
+                        mixed.hard, labels.repeat(len(qn) // len(labels)), self.queue_label)
             loss = contrastive_logits_loss(pos, neg, extra, oc.loss, oc.temperature, oc.sigma)
         # the Hallucinator's published variant enqueues the duplicated keys [k; k]
-        self.enqueue(torch.cat([k, k]) if self.hallucinator is not None and oc.hallucinator.enqueue_twice else k)
+        if self.hallucinator is not None and oc.hallucinator.enqueue_twice:
+            k, labels = torch.cat([k, k]), None if labels is None else labels.repeat(2)
+        self.enqueue(k, labels)
         with torch.no_grad():
             metrics.update(pos_sim=pos[: len(q)].mean(), neg_sim=neg[: len(q)].mean(),
                            z_std=qn[: len(q)].std(0).mean())
@@ -157,8 +238,9 @@ class MoCo(Objective):
 
     def forward(self, batch, generator):
         epoch = batch.get("epoch", math.inf)  # the trainer sets it; callers without it get mixing
+        labels = batch.get("label")  # class labels of labelled shards (-1: none), for a metric only
         if "views" in batch:
-            return self.loss_from_views(*batch["views"], generator=generator, epoch=epoch)
+            return self.loss_from_views(*batch["views"], generator=generator, epoch=epoch, labels=labels)
         views = batch["image"]  # (B, 2, 3, S, S): two crops per image, cut by the loader
         v0, v1 = self.augment(views[:, 0], generator), self.augment(views[:, 1], generator)
-        return self.loss_from_views(v0, v1, generator=generator, epoch=epoch)
+        return self.loss_from_views(v0, v1, generator=generator, epoch=epoch, labels=labels)
