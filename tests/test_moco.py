@@ -102,6 +102,18 @@ def test_forward_enqueues_exactly_this_steps_keys():
     assert torch.equal(obj.queue[6:], old[6:])
 
 
+def test_a_checkpoint_from_before_the_enqueue_counter_still_loads():
+    """enqueue_calls (when the queue's random entries are gone, for MoCHi's warning) is new in
+    the state dict: an older checkpoint without it loads strictly and counts from 0."""
+    obj = build()
+    obj({"views": views()}, None)
+    state = obj.state_dict()
+    assert int(state.pop("enqueue_calls")) == 1 and "queue_label" not in state  # labels: not saved
+    fresh = build(seed=1)
+    fresh.load_state_dict(state)  # strict
+    assert torch.equal(fresh.queue, obj.queue) and int(fresh.enqueue_calls) == 0
+
+
 @pytest.fixture(scope="module")
 def two_vs_one():
     return queue_check_one_and_two_processes()
