@@ -195,6 +195,8 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
         trainer_state = json.loads((path / TRAINER_FILE).read_text())
         same_world = trainer_state.get("world_size") == accelerator.num_processes
         rank_state = load_rank_state(path, accelerator.process_index) if same_world else None
+        if same_world and rank_state is None:
+            raise FileNotFoundError(f"rank-{accelerator.process_index}.safetensors is missing")
         accelerator.load_state(str(path))
     except CheckpointError:
         raise
