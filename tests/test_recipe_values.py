@@ -29,7 +29,6 @@ TINY = str(ROOT / "recipes" / "tiny.yaml")
     ("checkpoint.every_steps=-1", "checkpoint.every_steps"),
     ("monitor.k=0", "monitor.k"),
     ("objective.proj_dim=0", "objective.proj_dim"),
-    ("objective.temperature=0", "objective.temperature"),
     ("train.precision=fp8", "train.precision"),
 ])
 def test_bad_values_are_one_line_naming_the_key(tmp_path, capsys, override, key):

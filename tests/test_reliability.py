@@ -304,21 +304,24 @@ def test_a_stop_signal_ends_a_run_stuck_waiting_for_data(tmp_path):
     cmd = [sys.executable, "-m", "selfsup.cli", TINY, f"data.train={spec}", "data.samples_per_epoch=64",
            "data.num_workers=1", f"run.dir={tmp_path / 'run'}"]
     env = {**child_env(), "SELFSUP_STOP_WAIT": "1"}
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = tmp_path / "stderr.log"  # a file, not a pipe: the pipe's sleep would hold a pipe open
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cmd, env=env, stderr=stderr, text=True, start_new_session=True)
     try:
         for _ in range(1200):  # the worker has started reading the shard
             if flag.exists() or proc.poll() is not None:
                 break
             time.sleep(0.1)
-        assert flag.exists(), proc.stderr.read() if proc.poll() is not None else "never read"
+        assert flag.exists(), log.read_text()[-2000:]
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # the sleep the pipe started, and anything left
         except ProcessLookupError:
             pass
+    err = log.read_text()
     assert proc.returncode == 75, err[-2000:]
     assert "stopped by signal 15 while waiting for data at step 0" in err
 

@@ -5,7 +5,7 @@ floats, and they used to surface as a torch traceback minutes later (or, for
 ``train.max_steps=0``, as a silent 200-epoch run). Every value is checked here at start, and the
 first bad one is reported as one line that names its key. The objective's own keys are checked by
 the objective when it is built (still before the first step); the generic rules below cover the
-sizes every objective shares (head dimensions, depths, queue sizes, temperatures).
+sizes every objective shares (head dimensions, depths, queue sizes).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import math
 LR_SCALING = ("linear", "sqrt", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 DECODE_MODES = ("cpu", "device")  # selfsup.data.DECODE_MODES (not imported: data pulls in torch)
-# objective keys (any objective) that are sizes/counts: >= 1, and strictly positive floats
+# objective keys (any objective) that are sizes/counts: >= 1. Other objective values (loss,
+# temperatures, ...) are checked by the objective itself when it is built, with its own message
 POSITIVE_OBJECTIVE_INTS = ("proj_hidden_dim", "proj_dim", "proj_layers", "pred_depth", "pred_dim",
                            "queue_size", "num_targets", "num_context")
-POSITIVE_OBJECTIVE_FLOATS = ("temperature", "base_temperature", "sigma")
 
 
 def _number(value) -> bool:
@@ -114,9 +114,6 @@ def problems(cfg) -> list[str]:
     for key in POSITIVE_OBJECTIVE_INTS:
         if key in objective:
             at_least(f"objective.{key}", objective[key], 1)
-    for key in POSITIVE_OBJECTIVE_FLOATS:
-        if key in objective:
-            positive(f"objective.{key}", objective[key])
     return out
 
 
