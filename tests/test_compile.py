@@ -5,10 +5,17 @@ one graph for all its mask lengths (no recompile per batch) and without graph br
 compiled I-JEPA run equals an uninterrupted one.
 
 torch.compile on a 2-core CPU is slow (inductor writes and builds C++ for every graph: ~2 min for
-the tiny I-JEPA step from a cold cache, seconds from inductor's on-disk cache), so everything is
-tiny and each compiled module is built once (module-scoped results shared by the tests)."""
+the tiny I-JEPA step from a cold cache, ~20 min for this file on a loaded VM), so everything is
+tiny, each compiled module is built once (module-scoped results shared by the tests), and the
+default backend here is ``aot_eager``: dynamo's tracing, guards and dynamic shapes and AOT
+autograd's functionalised forward and backward, which is where selfsup's code meets the compiler
+(graph breaks, recompiles, wrong gradients through traced code), without inductor's C++ code
+generation. ``SELFSUP_TEST_COMPILE_BACKEND=inductor`` runs the same tests with what
+``model.compile`` uses on a GPU (it passed on 2026-12-01 in ~23 min from a cold cache)."""
 
+import functools
 import json
+import os
 import shutil
 from types import SimpleNamespace
 
@@ -46,6 +53,16 @@ CASES = {
     "ijepa": ("ijepa_vit_tiny.yaml", IJ, TINY_NO_HEAD),
 }
 STEPS = 4
+BACKEND = os.environ.get("SELFSUP_TEST_COMPILE_BACKEND", "aot_eager")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_backend():
+    """Every torch.compile the objectives and nn.Module.compile make in this file uses BACKEND."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(torch, "compile", functools.partial(torch.compile, backend=BACKEND))
+    yield BACKEND
+    patch.undo()
 
 
 def build(case: str, compile_: bool):
