@@ -33,12 +33,12 @@ from selfsup.data import ShardLoader, check_corrupt
 from selfsup.hf_export import export_hf
 from selfsup.logs import MetricsLog
 from selfsup.models import create_backbone
-from selfsup_io.progress import Progress
-from selfsup_io.tracking import TrackerError, check_trackers
 from selfsup.monitor import Monitor
 from selfsup.objectives import build_objective
 from selfsup.optim import create_optimizer
 from selfsup.schedules import EMA, lr_scheduler, scaled_lr, set_weight_decay
+from selfsup_io.progress import Progress
+from selfsup_io.tracking import TrackerError, check_trackers
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint written, start me again"
 
