@@ -2,8 +2,6 @@
 every process, shuffle-BN and split-BN, queue restored on resume, the recipe end to end."""
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,12 +9,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 
-from conftest import ROOT, child_env, torchrun_cmd
+from conftest import ROOT
 from selfsup.config import load_recipe
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
 from selfsup.schedules import ema_update
-from tinyrun import MOCO, queue_check_one_and_two_processes, run_recipe_and_evaluate, train
+from tinyrun import (MOCO, one_and_two_processes, queue_check_one_and_two_processes,
+                     run_recipe_and_evaluate, train)
 
 TINY = str(ROOT / "recipes" / "tiny.yaml")
 
@@ -209,15 +208,7 @@ def test_split_bn_on_one_process_equals_shuffle_bn_on_two(tmp_path):
     per group here, one per process there; only eval mode uses them), and runs where the two
     draw their permutations from different generator states (the trainer's augmentation draws
     depend on the local batch size)."""
-    script, tiny = str(ROOT / "tests" / "scripts" / "shuffle_bn_check.py"), str(TINY)
-    env = child_env()
-    r = subprocess.run([sys.executable, script, tiny, str(tmp_path / "one.pt")], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(torchrun_cmd(2, script, tiny, str(tmp_path / "two.pt")), env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    one, two = one_and_two_processes("shuffle_bn_check.py", tmp_path)
     assert one["losses"] == pytest.approx(two["losses"], rel=1e-10, abs=1e-10)
     torch.testing.assert_close(one["queue"], two["queue"], rtol=0, atol=1e-10)
     assert max(one["losses"]) - min(one["losses"]) > 1e-3  # the steps differ: the check has teeth

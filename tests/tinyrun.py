@@ -71,13 +71,17 @@ def queue_check_one_and_two_processes():
     session: test_moco and test_hallucinator both read it."""
     tmp = Path(tempfile.mkdtemp(prefix="queue_check"))
     atexit.register(shutil.rmtree, tmp, True)
-    script = str(ROOT / "tests" / "scripts" / "queue_check.py")
-    tiny = str(ROOT / "recipes" / "tiny.yaml")
-    env = child_env()
-    r = subprocess.run([sys.executable, script, tiny, str(tmp / "one.pt")], env=env,
+    return one_and_two_processes("queue_check.py", tmp)
+
+
+def one_and_two_processes(script: str, out: Path):
+    """tests/scripts/SCRIPT on recipes/tiny.yaml with 1 process, then 2 (torchrun, gloo); each
+    writes its results with torch.save. Returns (one, two)."""
+    path, tiny, env = str(ROOT / "tests" / "scripts" / script), str(ROOT / "recipes" / "tiny.yaml"), child_env()
+    r = subprocess.run([sys.executable, path, tiny, str(out / "one.pt")], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(torchrun_cmd(2, script, tiny, str(tmp / "two.pt")), env=env,
+    r = subprocess.run(torchrun_cmd(2, path, tiny, str(out / "two.pt")), env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return torch.load(tmp / "one.pt"), torch.load(tmp / "two.pt")
+    return torch.load(out / "one.pt"), torch.load(out / "two.pt")
