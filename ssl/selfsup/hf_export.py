@@ -29,13 +29,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from selfsup.checkpoint import umask
+
 HF_DIR = "hf"
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def export_hf(backbone: torch.nn.Module, run_dir: str | Path, meta: dict) -> Path | None:
@@ -59,7 +55,7 @@ def export_hf(backbone: torch.nn.Module, run_dir: str | Path, meta: dict) -> Pat
         save_config_for_hf(backbone, str(tmp / "config.json"), data_config={
             "input_size": (3, size, size), "mean": tuple(meta["mean"]), "std": tuple(meta["std"]),
             "crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear"})
-        mode = 0o666 & ~_umask()  # safetensors creates 0600 files: follow the umask instead
+        mode = 0o666 & ~umask()  # safetensors creates 0600 files: follow the umask instead
         for f in tmp.iterdir():
             os.chmod(f, mode)
     except BaseException:

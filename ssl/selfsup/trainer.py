@@ -336,8 +336,7 @@ class Trainer:
             # EMA at the step's progress (as lr and weight decay): the first update uses exactly
             # the start momentum, as the official schedulers' first value (I-JEPA, BYOL's cosine)
             momentum = self.objective.momentum(progress)
-            if self.ema.dst or self.ema.copies:
-                self.ema.update(momentum)
+            self.ema.update(momentum)  # no pairs (most objectives): nothing to do
             self.state["step"] += 1
             self.state["images_seen"] += self.global_batch
             window["steps"] += 1
