@@ -27,7 +27,8 @@ directory (runs.jsonl there holds no pre-#15 rows under the same names):
 * the Hallucinator on MoCo (the paper's headline setting): ``moco_halluc`` vs ``moco``
   (``moco_halluc_twice``: the authors' queue of duplicated keys);
 * the Hallucinator on SimCLR: ``infonce_halluc`` (published NT-Xent) vs ``infonce_halluc_masked``;
-* I-JEPA's export: ``ijepa`` (target/EMA encoder) vs ``ijepa_context`` (the same training);
+* I-JEPA's export: ``ijepa`` (target/EMA encoder) vs ``ijepa_context`` (the context encoder of the
+  same run: ijepa's final checkpoint resumed with ``objective.export=context``);
 * MoCHi: ``mochi`` (mixing after the queue has filled) vs ``mochi_early`` (before) and ``moco``.
 On a GPU, the method table at ten times that budget: ``python bench/methods.py --images 1200000
 --parallel 8 --precision bf16 --out bench/results/methods-gpu-10x``.
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -90,25 +92,39 @@ OBJECTIVES = {
         "objective.hallucinator.enqueue_twice=true"]),  # the authors' queue of [k; k]
     "infonce_halluc_masked": (["recipes/simclr.yaml"], RESNET + HEAD + HALLUC + [
         "objective.hallucinator.mask_same_image=true"]),  # infonce_halluc's rows before #15
-    "ijepa_context": (["recipes/ijepa_vit_tiny.yaml"], ["objective.export=context"]),
     "mochi_early": (["recipes/mochi.yaml"], RESNET + HEAD + MOCO + MOCHI + ["objective.mochi.start_epoch=0.05"]),
 }
+# rows that evaluate another export of a row's training: that run's directory is copied and its
+# final checkpoint resumed with the overrides (--accept-changes), so the two rows differ in nothing
+# but what is exported -- and the training is paid for once
+DERIVED = {"ijepa_context": ("ijepa", ["objective.export=context"])}
 # the default run: the method table; the other rows are run by name (--objectives)
 DEFAULT = ["infonce", "dcl", "dclw", "moco", "mochi", "infonce_halluc", "ijepa", "jigclu"]
-OWN_DATA = ("ijepa", "ijepa_context", "jigclu")
+OWN_DATA = ("ijepa", "jigclu")
 VIT = "ViT (6x192, patch 4, 32 px)"
 BACKBONE = {"ijepa": VIT, "ijepa_context": VIT, "jigclu": "resnet10t, 64 px montages"}
 
 
 def run_one(name: str, seed: int, images: int, batch: int, train: str, val: str, precision: str) -> dict:
-    recipes, overrides = OBJECTIVES[name]
+    source, extra = DERIVED.get(name, (name, []))
+    recipes, overrides = OBJECTIVES[source]
+    overrides = [*overrides, *extra]
     run_dir = ROOT / "runs" / "bench-methods" / f"{name}-b{batch}-s{seed}"
     steps = max(1, images // batch)
     # ijepa/jigclu recipes already merge the data recipe under their own augmentation
-    data = [] if name in OWN_DATA else DATA
+    data = [] if source in OWN_DATA else DATA
+    derived = source != name
     args = [*recipes, *data, *overrides, f"run.dir={run_dir}", f"run.seed={seed}",
             f"train.batch_size={batch}", f"train.max_steps={steps}", f"train.precision={precision}",
-            "checkpoint.every_steps=0", "checkpoint.keep=1", "resume=none", "train.log_every=20"]
+            "checkpoint.every_steps=0", "checkpoint.keep=1", "train.log_every=20",
+            *(["resume=auto", "--accept-changes"] if derived else ["resume=none"])]
+    if derived:  # the source run's final checkpoint, re-exported
+        trained = ROOT / "runs" / "bench-methods" / f"{source}-b{batch}-s{seed}"
+        if not (trained / "export" / "backbone.safetensors").is_file():
+            raise SystemExit(f"bench/methods.py: {name} re-exports {source}'s run; run {source} "
+                             f"(seed {seed}, batch {batch}) first")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(trained, run_dir, ignore=shutil.ignore_patterns(".lock"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     subprocess.run([*TRAIN_CMD, *args], check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
@@ -121,7 +137,9 @@ def run_one(name: str, seed: int, images: int, batch: int, train: str, val: str,
     eval_s = time.perf_counter() - t0
     rec = json.loads((run_dir / "eval" / "results.json").read_text())[-1]
     loss = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"objective": name, "seed": seed, "batch": batch, "images": steps * batch,
+    note = {"note": f"{source}'s training (the same run), {' '.join(extra)} exported; "
+                    "train time: the re-export"} if derived else {}
+    return {**note, "objective": name, "seed": seed, "batch": batch, "images": steps * batch,
             "knn20": rec["knn"]["k=20"], "linear": rec["linear"]["top1"], "train_s": round(train_s, 1),
             "eval_s": round(eval_s, 1), "final_loss": loss[-1], "cpu_threads": os.cpu_count(),
             "precision": precision, "device": DEVICE, "date": time.strftime("%Y-%m-%d")}
@@ -166,7 +184,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=60000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--objectives", nargs="+", default=DEFAULT, choices=list(OBJECTIVES))
+    p.add_argument("--objectives", nargs="+", default=DEFAULT, choices=[*OBJECTIVES, *DERIVED])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "methods")
     p.add_argument("--no-raw", action="store_true", help="skip the raw-pixel baseline")
     p.add_argument("--eval-train", default=TRAIN, help="labelled shards the probes train on")
@@ -183,16 +201,18 @@ def main() -> None:
             for name in args.objectives
             if not any(r["objective"] == name and r["seed"] == seed and r["batch"] == args.batch_size
                        and r["images"] == images for r in done)]
-    # several runs at once where one leaves the machine idle (small models on a GPU)
-    with ThreadPoolExecutor(args.parallel) as pool:
-        jobs = [pool.submit(run_one, name, seed, args.images, args.batch_size, args.eval_train,
-                            args.eval_val, args.precision) for name, seed in todo]
-        for job in as_completed(jobs):
-            rec = job.result()
-            print(json.dumps(rec), flush=True)
-            with log.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            done.append(rec)
+    # several runs at once where one leaves the machine idle (small models on a GPU); the rows
+    # that re-export another's training start once every training has finished
+    for wave in ([t for t in todo if t[0] not in DERIVED], [t for t in todo if t[0] in DERIVED]):
+        with ThreadPoolExecutor(args.parallel) as pool:
+            jobs = [pool.submit(run_one, name, seed, args.images, args.batch_size, args.eval_train,
+                                args.eval_val, args.precision) for name, seed in wave]
+            for job in as_completed(jobs):
+                rec = job.result()
+                print(json.dumps(rec), flush=True)
+                with log.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                done.append(rec)
     text = table(done, raw)
     (args.out / "table.md").write_text(text + "\n")
     print(text)
