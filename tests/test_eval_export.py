@@ -68,15 +68,50 @@ def test_a_foreign_checkpoint_exports_to_the_features_of_its_weights(tmp_path, c
     assert meta["mean"] == list(direct.pretrained_cfg["mean"]) and meta["feature_dim"] == 48
 
 
+def test_a_checkpoint_exports_with_its_own_recipe_and_the_umask(tmp_path, monkeypatch):
+    """A resume with --accept-changes rewrites RUN/recipe.yaml (here augment.mean): an older
+    checkpoint is described by the recipe it was written with (step-N/recipe.yaml), as the
+    trainer's export of that step was; the file is 0666 & ~umask, not safetensors' 0600."""
+    import os
+
+    from safetensors.torch import save_file
+
+    def recipe(mean):
+        return json.dumps({"model": {"name": "resnet10t", "kwargs": {}, "small_stem": False},
+                           "augment": {"size": 32, "mean": mean, "std": [0.2, 0.2, 0.2]},
+                           "objective": {"name": "simclr"}})
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-000000002"
+    step.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(recipe([0.5, 0.5, 0.5]))  # the run's current recipe
+    (step / "recipe.yaml").write_text(recipe([0.1, 0.2, 0.3]))  # this checkpoint's
+    (step / "trainer.json").write_text(json.dumps({"step": 2, "epoch": 0}))
+    weights = model("resnet10t", 0).state_dict()
+    save_file({k: v.contiguous() for k, v in prefixed(weights, "backbone.").items()}, str(step / "model.safetensors"))
+    out = tmp_path / "exported.safetensors"
+    old = os.umask(0o027)
+    try:
+        assert export_main([str(step), str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert meta_of(out)["mean"] == [0.1, 0.2, 0.3]
+    assert os.stat(out).st_mode & 0o777 == 0o640
+
+
 def test_export_errors_are_one_line(tmp_path, capsys):
     src = tmp_path / "plain.pth"
     torch.save(model("resnet10t", 0).state_dict(), src)
+    vit = tmp_path / "vit.pth"
+    torch.save(model("vit_tiny_patch16_224", 0).state_dict(), vit)
     empty_run = tmp_path / "run"
     empty_run.mkdir()
     cases = [([str(src), str(tmp_path / "o.safetensors")], "needs --model TIMM_NAME"),
              ([str(src), str(tmp_path / "o.safetensors"), "--model", "resnet18"], "uninitialised"),
              ([str(empty_run), str(tmp_path / "o.safetensors")], "no complete training checkpoint"),
-             ([str(tmp_path / "nope"), str(tmp_path / "o.safetensors")], "not found")]
+             ([str(tmp_path / "nope"), str(tmp_path / "o.safetensors")], "not found"),
+             # the model cannot take the input size given: timm asserts, one line here
+             ([str(vit), str(tmp_path / "o.safetensors"), "--model", "vit_tiny_patch16_224", "--input-size", "96"],
+              "fails on a 96x96 input")]
     for argv, message in cases:
         capsys.readouterr()
         assert export_main(argv) == 2

@@ -7,8 +7,10 @@ timm + safetensors alone. SOURCE is
 * a **training checkpoint** of selfsup: ``RUN/checkpoints/step-N`` (or ``RUN``, its latest complete
   checkpoint). Read through the public layout only (this package never imports the trainer):
   ``trainer.json`` (step), the model weights accelerate saved (``model.safetensors``, else
-  ``pytorch_model.bin`` through torch.load(weights_only=True)) and ``RUN/recipe.yaml`` (model,
-  input size, mean/std, objective). The backbone is the weights under the objective's backbone
+  ``pytorch_model.bin`` through torch.load(weights_only=True)) and the recipe it was written with
+  (``step-N/recipe.yaml``; ``RUN/recipe.yaml`` for checkpoints older than that copy, as a resume
+  with ``--accept-changes`` rewrites the run's recipe): model, input size, mean/std, objective.
+  The backbone is the weights under the objective's backbone
   prefix (``backbone.``; for I-JEPA the encoder ``objective.export`` names, :func:`backbone_prefix`);
 * a checkpoint of **another framework** (the layouts of :mod:`selfsup_eval.foreign`), with
   ``--model TIMM_NAME`` and the same options as ``selfsup-eval``.
@@ -63,7 +65,8 @@ def from_training_checkpoint(source: Path) -> tuple[torch.nn.Module, dict, str]:
     run = ckpt.parent.parent
     try:
         state = json.loads((ckpt / TRAINER_FILE).read_text())
-        recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+        own = ckpt / "recipe.yaml"  # what the trainer's own export of this step was written with
+        recipe = yaml.safe_load((own if own.is_file() else run / "recipe.yaml").read_text())
         m, aug = recipe["model"], recipe["augment"]
         objective = recipe["objective"]["name"]
         meta = {"format": 1, "model_name": m["name"], "model_kwargs": {**(m.get("kwargs") or {}), "num_classes": 0},
@@ -100,20 +103,26 @@ def from_foreign(source: Path, args) -> tuple[torch.nn.Module, dict, str]:
 
 
 def write_export(model: torch.nn.Module, meta: dict, out: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     model.eval()
     if meta.get("pool") == "head":  # timm's pooled output, measured (robust to unusual heads)
         size, chans = meta["input_size"], int(meta["model_kwargs"].get("in_chans", 3))
-        with torch.no_grad():
-            meta["feature_dim"] = int(model(torch.zeros(1, chans, size, size)).shape[-1])
+        try:
+            with torch.no_grad():
+                meta["feature_dim"] = int(model(torch.zeros(1, chans, size, size)).shape[-1])
+        except Exception as e:  # e.g. a ViT built for 224 given --input-size 96: timm asserts
+            raise EvalError(f"{meta['model_name']} fails on a {size}x{size} input "
+                            f"({' '.join(str(e).split())[:200]})") from None
     else:  # mean over patch tokens: the token width
         meta["feature_dim"] = int(model.num_features)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata={"selfsup": json.dumps(meta)})
+        data = save(tensors, metadata={"selfsup": json.dumps(meta)})
+        with open(tmp, "wb") as f:  # open() follows the umask; safetensors' save_file makes 0600
+            f.write(data)
         read_metadata(tmp)  # the evaluator's own check, before the file takes its name
         os.replace(tmp, out)
     finally:
