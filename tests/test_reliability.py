@@ -80,6 +80,19 @@ def test_a_second_trainer_refuses_the_run_dir_and_a_killed_owner_leaves_no_lock(
     assert train(run, shards, "train.max_steps=1") == 0  # nor does our own, released at the end
 
 
+def test_a_run_dir_that_cannot_hold_the_lock_is_one_line_not_a_traceback(tmp_path):
+    """An OSError in rank 0's lock (run.dir unwritable, or under a file) used to escape as a
+    traceback, and with several processes left the other ranks waiting in the flag's reduce."""
+    from selfsup.rundir import RunDirError, acquire
+
+    class OneProcess:
+        is_main_process, num_processes = True, 1
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(RunDirError, match="cannot create the lock .*check run.dir"):
+        acquire(OneProcess(), blocker / "run")
+
+
 # --------------------------------------------------------------- resume with a changed recipe --
 def test_resume_refuses_a_changed_recipe_unless_accepted_and_never_a_changed_model(tmp_path, shards, capsys):
     run = tmp_path / "run"

@@ -80,6 +80,8 @@ class RunDirLock:
                           "run.dir", flush=True)
                     return
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(self.fd)
+                    self.fd = None
                     raise
                 if time.monotonic() >= deadline:
                     holder = self._holder()
@@ -204,10 +206,13 @@ def acquire(acc, run_dir: Path):
             lock = RunDirLock(run_dir)
         except RunDirError as e:
             error = e
+        except OSError as e:  # unwritable or not a directory: one line, and no rank left waiting below
+            error = RunDirError(f"cannot create the lock {Path(run_dir) / LOCK_FILE} "
+                                f"({e.strerror or e}); check run.dir")
     if acc.num_processes > 1:
         flag = acc.reduce(torch.tensor([float(error is not None)], device=acc.device), "sum")
         if flag.item() and error is None and not acc.is_main_process:
-            error = RunDirError(f"run.dir {run_dir} is in use by another trainer (rank 0 says which)")
+            error = RunDirError(f"run.dir {run_dir} cannot be locked by rank 0 (rank 0's message says why)")
     if error is not None:
         raise error
     return lock
