@@ -186,6 +186,36 @@ def test_resume_auto_names_a_damaged_checkpoint_and_goes_on_from_the_previous(tm
     assert "rank-0.safetensors is missing" in err
 
 
+def test_resume_auto_sets_a_damaged_checkpoint_aside_so_keep_does_not_delete_the_next(tmp_path, monkeypatch):
+    """Left as step-4 after the fall-back to step-2, a damaged checkpoint counted towards
+    checkpoint.keep: with keep 1, a preemption's checkpoint at step 3 was deleted as soon as it
+    was written, and the requeued run found only the damaged step-4."""
+    from types import SimpleNamespace
+
+    import selfsup.checkpoint as ckpt
+    from selfsup.resume import resume
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        ckpt.checkpoint_dir(run, step).mkdir(parents=True)
+        (ckpt.checkpoint_dir(run, step) / ckpt.TRAINER_FILE).write_text(json.dumps({"step": step}))
+    (run / "export").mkdir()
+    (run / "export" / "backbone-step000000002.safetensors").write_bytes(b"")
+
+    def load(acc, path):
+        if path.name.endswith("4"):
+            raise ckpt.CheckpointError(f"checkpoint {path} cannot be loaded (truncated)")
+        return {"step": 2}, {"generator": torch.zeros(1), "positions": {}, "num_workers": 0}
+    monkeypatch.setattr(ckpt, "load_checkpoint", load)
+    acc = SimpleNamespace(num_processes=1, is_main_process=True, print=lambda *a: None)
+    trainer = SimpleNamespace(cfg=SimpleNamespace(resume="auto", data=SimpleNamespace(num_workers=0)),
+                              acc=acc, run_dir=run, accept_changes=False, state={"step": 0},
+                              generator=SimpleNamespace(set_state=lambda t: None), positions={})
+    assert resume(trainer) == ckpt.checkpoint_dir(run, 2) and trainer.state["step"] == 2
+    assert ckpt.list_checkpoints(run) == [ckpt.checkpoint_dir(run, 2)]
+    assert (run / "checkpoints" / ".damaged-step-000000004" / ckpt.TRAINER_FILE).is_file()
+
+
 # ------------------------------------------------------------------------------ disk full --
 def test_a_full_disk_is_one_line_and_the_missing_export_is_written_on_resume(tmp_path, shards, capsys,
                                                                             monkeypatch):

@@ -2,7 +2,10 @@
 
 * ``resume=auto`` tries the run's checkpoints newest first. One that cannot be loaded (a file
   truncated by a full disk, a bit flip, a half-copied directory) is named in one line and the
-  previous complete one is used; only when none loads is it an error. An explicit
+  previous complete one is used; only when none loads is it an error. The damaged ones are then
+  renamed ``.damaged-step-N`` (kept for inspection): left as ``step-N`` they would count towards
+  ``checkpoint.keep``, and with ``keep: 1`` the next checkpoint written before step N (a
+  preemption's) was deleted at once in their favour, leaving nothing that loads. An explicit
   ``resume=PATH`` is never swapped for another: a damaged one is an error.
 * Every rank loads its own files, so the ranks agree (a collective) on whether a checkpoint
   loaded before going on: a damaged ``rank-1`` file moves all ranks to the previous checkpoint.
@@ -14,6 +17,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -79,12 +84,27 @@ def resume(trainer) -> Path | None:
     else:
         raise ckpt.CheckpointError(f"none of the {len(candidates)} checkpoint(s) of {trainer.run_dir} "
                                    f"can be loaded (newest: {damaged[0]}); resume=none starts over")
+    if damaged and acc.is_main_process:
+        _set_aside(trainer, candidates[:candidates.index(path)])
     _restore(trainer, path, state, rank_state)
     step = trainer.state["step"]
     export = trainer.run_dir / "export" / f"backbone-step{step:09d}.safetensors"
     if acc.is_main_process and not export.is_file():  # the run stopped before writing it
         trainer.export()
     return path
+
+
+def _set_aside(trainer, damaged: list[Path]) -> None:
+    """Rename damaged checkpoints out of the ``step-N`` names (see the module docstring)."""
+    for bad in damaged:
+        aside = bad.with_name(f".damaged-{bad.name}")
+        try:
+            shutil.rmtree(aside, ignore_errors=True)  # an older damaged copy of the same step
+            os.replace(bad, aside)
+            trainer.acc.print(f"resume: {bad} renamed {aside.name} (delete it once inspected)")
+        except OSError as e:
+            trainer.acc.print(f"resume: could not rename the damaged {bad} ({e.strerror or e}); "
+                              "remove it, or it counts towards checkpoint.keep")
 
 
 def _restore(trainer, path: Path, state: dict, rank_state: dict | None) -> None:
