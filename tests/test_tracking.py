@@ -131,6 +131,10 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path, shards, capsys, monke
     assert rc == 2 and err[-1].startswith("selfsup-train: error: log.trackers: mlflow did not start:")
     assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "run" / "export").exists()  # stopped before the first step
+    # and released run.dir's lock on the way out: the same process trains there at once
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert train_main([TINY, f"data.train={shards}", f"run.dir={tmp_path / 'run'}",
+                       "train.max_steps=1"]) == 0, capsys.readouterr().err
 
 
 def test_selfsup_eval_logs_its_table_to_the_trackers(tmp_path, tracker_env, capsys):

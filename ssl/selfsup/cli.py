@@ -47,7 +47,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        from selfsup.trainer import Diverged, Preempted, StoppedWaiting, Trainer, end_distributed
+        from selfsup.stopping import Preempted, StoppedWaiting
+        from selfsup.trainer import Diverged, Trainer, end_distributed
 
         trainer = Trainer(cfg, accept_changes=args.accept_changes)
         try:

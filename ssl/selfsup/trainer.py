@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -37,23 +36,9 @@ from selfsup.monitor import Monitor
 from selfsup.objectives import build_objective
 from selfsup.optim import create_optimizer
 from selfsup.schedules import EMA, lr_scheduler, scaled_lr, set_weight_decay
+from selfsup.stopping import REQUEUE_EXIT_CODE, Preempted, StopSignals
 from selfsup_io.progress import Progress
 from selfsup_io.tracking import TrackerError, check_trackers
-
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint written, start me again"
-
-
-class Preempted(SystemExit):
-    def __init__(self):
-        super().__init__(REQUEUE_EXIT_CODE)
-
-
-class StoppedWaiting(Preempted):
-    """A stop signal came while this rank waited for a batch that did not come within
-    SELFSUP_STOP_WAIT seconds (a hung file system, a stalled pipe: URL, a shard set that yields
-    nothing): it leaves without a checkpoint (the last one stands). Its peers may be inside a
-    collective, so the caller does not wait for them (:func:`end_distributed`)."""
-
 
 class Diverged(RuntimeError):
     """The loss or the weights became NaN/inf. The run stops instead of spending the rest of its
@@ -111,7 +96,6 @@ def build_model(cfg, acc: Accelerator):
 class Trainer:
     def __init__(self, cfg, accept_changes: bool = False):
         self.accept_changes = accept_changes  # resume with a changed recipe (selfsup.rundir)
-        self._waiting = False  # waiting for a batch: a stop signal may end the run there
         try:  # before anything is built: a missing tracker package is a one-line error at once
             check_trackers(cfg.log.trackers)
         except TrackerError as e:
@@ -147,7 +131,7 @@ class Trainer:
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0,
                       "corrupt_samples": 0}
         self.positions: dict = {}
-        self._stop_signal = None
+        self.stops = StopSignals(self._where_stopped)  # SIGTERM/SIGUSR1: selfsup.stopping
         self.monitor = Monitor(cfg, acc.device)
 
     # ----------------------------------------------------------------------------- resume ----
@@ -218,34 +202,9 @@ class Trainer:
             self.state["batch_in_epoch"] = 0
             self.positions = {}
 
-    def _on_signal(self, signum, frame):
-        self._stop_signal = signum
-        if self._waiting:
-            self._arm_stop_timer()
-
-    def _arm_stop_timer(self) -> None:
-        """A stop signal while waiting for data: the batch gets SELFSUP_STOP_WAIT seconds (5)
-        to arrive, so that a data-bound run still finishes its step and checkpoints; if it does
-        not (a hung file system, a stalled pipe: URL), SIGALRM ends the run (StoppedWaiting)."""
-        signal.setitimer(signal.ITIMER_REAL, float(os.environ.get("SELFSUP_STOP_WAIT") or 5))
-
-    def _on_alarm(self, signum, frame):
-        if not self._waiting:  # the batch came in time: the step ends with a checkpoint
-            return
-        self._waiting = False
+    def _where_stopped(self) -> str:
         last = ckpt.resolve_resume("auto", self.run_dir)
-        print(f"selfsup-train: stopped by signal {self._stop_signal} while waiting for data at "
-              f"step {self.state['step']}; no checkpoint written (the last is {last}), exit "
-              f"{REQUEUE_EXIT_CODE} (requeue)", file=sys.stderr, flush=True)
-        raise StoppedWaiting()
-
-    def _stop_requested(self) -> bool:
-        """Any process got SIGTERM/SIGUSR1 → all stop at the same step (collective). One process
-        needs no collective, and skipping it spares a device sync per step."""
-        if self.acc.num_processes == 1:
-            return self._stop_signal is not None
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.acc.device)
-        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+        return f"step {self.state['step']}; no checkpoint written (the last is {last})"
 
     # ------------------------------------------------------------------------------- loop ----
     def train(self) -> dict:
@@ -254,17 +213,15 @@ class Trainer:
         every rank until rank 0's export is written."""
         cfg, acc = self.cfg, self.acc
         self._lock = rundir.acquire(acc, self.run_dir)  # a second trainer on run.dir stops here
-        try:
+        try:  # the lock is released on every way out, a tracker that does not start included
             self.resume()  # refuses a changed recipe before recipe.yaml is replaced
+            if acc.is_main_process:
+                OmegaConf.save(cfg, self.run_dir / "recipe.yaml")
+            self.stops.install()
+            log = self._open_log()
         except BaseException:
             self._lock.release()
             raise
-        if acc.is_main_process:
-            OmegaConf.save(cfg, self.run_dir / "recipe.yaml")
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
-        signal.signal(signal.SIGALRM, self._on_alarm)
-        log = self._open_log()
         # a bar on a terminal, a plain line a minute in a batch job's log (selfsup_io.progress)
         bar = Progress(self.total_steps, f"{self.objective.name} {cfg.run.dir}", unit="steps",
                        initial=self.state["step"], enabled=acc.is_main_process,
@@ -275,7 +232,7 @@ class Trainer:
             bar.close()
             log.close()
             self._lock.release()
-            signal.setitimer(signal.ITIMER_REAL, 0)  # no stop alarm outlives the loop
+            self.stops.disarm()
 
     def _open_log(self) -> MetricsLog:
         """JSONL + the recipe's trackers, opened on the main process. A tracker that does not
@@ -312,13 +269,8 @@ class Trainer:
             set_weight_decay(self.optimizer, cfg.optim.weight_decay, cfg.optim.weight_decay_end, progress)
             for micro in range(accum):
                 t = time.perf_counter()
-                self._waiting = True  # a stop signal now may end the run here (StoppedWaiting)
-                if self._stop_signal is not None:  # it came during a micro-batch of this step
-                    self._arm_stop_timer()
-                batch = next(data)
-                self._waiting = False
-                if self._stop_signal is not None:  # it came in time: no alarm after the checkpoint
-                    signal.setitimer(signal.ITIMER_REAL, 0)
+                with self.stops.waiting_for_data():  # a stop now may end the run here
+                    batch = next(data)
                 for event in batch.pop("events", ()):  # e.g. a shard shorter than its index says
                     print(f"selfsup-train: warning: {event}", file=sys.stderr, flush=True)
                 batch = self.loader.to_device(batch, device)  # data.decode=device: decodes there
@@ -351,7 +303,7 @@ class Trainer:
             saved = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < self.total_steps
             if saved:
                 self.save()
-            if self._stop_requested():
+            if self.stops.requested(acc):
                 if not saved:  # a second write of the same step would only eat the grace period
                     self.save()
                 acc.print(f"stopped by signal at step {step}; checkpoint written, exit "
