@@ -216,6 +216,23 @@ def test_resume_auto_sets_a_damaged_checkpoint_aside_so_keep_does_not_delete_the
     assert (run / "checkpoints" / ".damaged-step-000000004" / ckpt.TRAINER_FILE).is_file()
 
 
+def test_an_explicit_older_resume_sets_the_later_checkpoints_aside(tmp_path, shards, capsys):
+    """resume=step-2 in a run that reached step 4 starts a new history: left as step-4, the old
+    history's newest checkpoint was what the next resume=auto (a requeue) went back to."""
+    import selfsup.checkpoint as ckpt
+
+    run = tmp_path / "run"
+    assert train(run, shards, "train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep=3") == 0
+    step2, step4 = ckpt.checkpoint_dir(run, 2), ckpt.checkpoint_dir(run, 4)
+    capsys.readouterr()
+    assert train(run, shards, "train.max_steps=3", "checkpoint.every_steps=2", "checkpoint.keep=3",
+                 f"resume={step2}", "--accept-changes") == 0
+    assert f"{step4} renamed .abandoned-step-000000004 (the run goes on from step 2)" in capsys.readouterr().out
+    assert ckpt.list_checkpoints(run) == [step2, ckpt.checkpoint_dir(run, 3)]
+    assert ckpt.resolve_resume("auto", run) == ckpt.checkpoint_dir(run, 3)
+    assert (run / "checkpoints" / ".abandoned-step-000000004" / ckpt.TRAINER_FILE).is_file()
+
+
 # ------------------------------------------------------------------------------ disk full --
 def test_a_full_disk_is_one_line_and_the_missing_export_is_written_on_resume(tmp_path, shards, capsys,
                                                                             monkeypatch):

@@ -7,6 +7,10 @@
   ``checkpoint.keep``, and with ``keep: 1`` the next checkpoint written before step N (a
   preemption's) was deleted at once in their favour, leaving nothing that loads. An explicit
   ``resume=PATH`` is never swapped for another: a damaged one is an error.
+* An explicit ``resume=PATH`` to a step before the run's newest checkpoint starts a new history
+  from there: the run directory's later checkpoints are renamed ``.abandoned-step-N``. Left in
+  place, the next ``resume=auto`` (a requeue after preemption) would go back to the old history's
+  newest step, and ``checkpoint.keep`` would delete the new history's checkpoints in its favour.
 * Every rank loads its own files, so the ranks agree (a collective) on whether a checkpoint
   loaded before going on: a damaged ``rank-1`` file moves all ranks to the previous checkpoint.
 * The recipe is compared with the one the checkpoint was written with (:mod:`selfsup.rundir`)
@@ -85,25 +89,29 @@ def resume(trainer) -> Path | None:
         raise ckpt.CheckpointError(f"none of the {len(candidates)} checkpoint(s) of {trainer.run_dir} "
                                    f"can be loaded (newest: {damaged[0]}); resume=none starts over")
     if damaged and acc.is_main_process:
-        _set_aside(trainer, candidates[:candidates.index(path)])
+        _set_aside(trainer, candidates[:candidates.index(path)], "damaged", "delete it once inspected")
     _restore(trainer, path, state, rank_state)
     step = trainer.state["step"]
+    if cfg.resume != "auto" and acc.is_main_process:  # later steps: another history now
+        later = [p for p in ckpt.list_checkpoints(trainer.run_dir) if p.name > path.name]
+        _set_aside(trainer, later, "abandoned", f"the run goes on from step {step}")
     export = trainer.run_dir / "export" / f"backbone-step{step:09d}.safetensors"
     if acc.is_main_process and not export.is_file():  # the run stopped before writing it
         trainer.export()
     return path
 
 
-def _set_aside(trainer, damaged: list[Path]) -> None:
-    """Rename damaged checkpoints out of the ``step-N`` names (see the module docstring)."""
-    for bad in damaged:
-        aside = bad.with_name(f".damaged-{bad.name}")
+def _set_aside(trainer, paths: list[Path], why: str, note: str) -> None:
+    """Rename checkpoints out of the ``step-N`` names, to ``.WHY-step-N`` (the module docstring
+    says when); ``resume=auto`` and ``checkpoint.keep`` no longer see them."""
+    for bad in paths:
+        aside = bad.with_name(f".{why}-{bad.name}")
         try:
-            shutil.rmtree(aside, ignore_errors=True)  # an older damaged copy of the same step
+            shutil.rmtree(aside, ignore_errors=True)  # an older copy of the same step set aside
             os.replace(bad, aside)
-            trainer.acc.print(f"resume: {bad} renamed {aside.name} (delete it once inspected)")
+            trainer.acc.print(f"resume: {bad} renamed {aside.name} ({note})")
         except OSError as e:
-            trainer.acc.print(f"resume: could not rename the damaged {bad} ({e.strerror or e}); "
+            trainer.acc.print(f"resume: could not rename the {why} {bad} ({e.strerror or e}); "
                               "remove it, or it counts towards checkpoint.keep")
 
 
