@@ -34,7 +34,8 @@ On a GPU, the method table at ten times that budget: ``python bench/methods.py -
 --parallel 8 --precision bf16 --out bench/results/methods-gpu-10x``.
 
 Run directories go to runs/bench-methods/. Results: one JSON line per run appended to OUT/runs.jsonl (reruns skip what is there), and a
-markdown table (mean ± half-range over seeds) printed and written to OUT/table.md.
+markdown table (mean ± half-range over seeds) printed and written to OUT/table.md, followed by the
+per-seed differences of the compared pairs that ran (``PAIRS``).
 """
 
 from __future__ import annotations
@@ -179,6 +180,33 @@ def table(records: list[dict], raw: dict | None) -> str:
     return "\n".join(lines + [f"\n† {n}" for n in notes])
 
 
+# issue 15's comparisons: (A, B, what A - B measures), paired by seed (the same data order)
+PAIRS = [("moco", "moco_plainbn", "shuffle/split-BN on MoCo (moco.yaml: 8 groups)"),
+         ("moco_halluc", "moco", "the Hallucinator on MoCo (the paper's headline setting)"),
+         ("moco_halluc_twice", "moco_halluc", "the authors' queue of duplicated keys"),
+         ("infonce_halluc", "infonce_halluc_masked", "the Hallucinator on SimCLR: published minus masked loss"),
+         ("ijepa", "ijepa_context", "I-JEPA: target (EMA) minus context encoder exported"),
+         ("mochi", "moco", "MoCHi, mixing after the queue has filled, over MoCo"),
+         ("mochi", "mochi_early", "MoCHi: mixing after minus before the queue has filled")]
+
+
+def pairs_table(records: list[dict]) -> str:
+    """Per-seed differences A - B (points) of the PAIRS both sides of which ran with a seed."""
+    by = {(r["objective"], r["seed"], r["batch"], r["images"]): r for r in records}
+    lines = ["| A − B | what it measures | seeds | k-NN@20, per seed | mean | linear, per seed | mean |",
+             "|---|---|---|---|---|---|---|"]
+    for a, b, what in PAIRS:
+        both = sorted((k[1], by[k], by[(b, *k[1:])]) for k in by if k[0] == a and (b, *k[1:]) in by)
+        if not both:
+            continue
+        cells = []
+        for key in ("knn20", "linear"):
+            d = [(ra[key] - rb[key]) * 100 for _, ra, rb in both]
+            cells += [" / ".join(f"{x:+.2f}" for x in d), f"{mean(d):+.2f}"]
+        lines.append(f"| {a} − {b} | {what} | {', '.join(str(s) for s, _, _ in both)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=60000)
@@ -214,6 +242,8 @@ def main() -> None:
                     f.write(json.dumps(rec) + "\n")
                 done.append(rec)
     text = table(done, raw)
+    if pairs := pairs_table(done):
+        text += "\n\n" + pairs
     (args.out / "table.md").write_text(text + "\n")
     print(text)
 
