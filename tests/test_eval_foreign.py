@@ -131,6 +131,21 @@ def test_checkpoint_key_selects_another_encoder(tmp_path):
     assert torch.equal(bb.features(x), student(x))
 
 
+def test_two_encoders_no_preference_ranks_are_an_error_not_a_guess(tmp_path):
+    """BYOL-style: online and target encoders map the same number of weights and PREFERRED ranks
+    neither; which one is evaluated used to follow the checkpoint's key order."""
+    online, target = model("resnet10t", 0).state_dict(), model("resnet10t", 9).state_dict()
+    path = tmp_path / "byol.pth"
+    torch.save({"state_dict": OrderedDict({**prefixed(target, "target_network."),
+                                           **prefixed(online, "online_network.")})}, path)
+    with pytest.raises(EvalError, match=r"prefixes 'online_network.', 'target_network.' each hold "
+                                        r"\d+ of the model's weights: pass --prefix"):
+        load_foreign(str(path), "resnet10t", input_size=16)
+    bb, _ = load_foreign(str(path), "resnet10t", prefix="online_network.", input_size=16)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(bb.features(x), model("resnet10t", 0)(x))
+
+
 def test_uninitialised_backbone_weights_are_an_error(tmp_path):
     state = model("resnet10t", 0).state_dict()
     partial = {k: v for k, v in state.items() if not k.startswith("layer4.")}

@@ -11,7 +11,9 @@ backbone in many layouts. Like DINO's eval scripts (``--checkpoint_key``, then s
    the only one there is;
 2. **which prefix** (``--prefix``): the one that maps the most checkpoint names, with matching
    shapes, onto the model's names, ties broken by :data:`PREFERRED` (the query encoder
-   ``module.encoder_q.`` over MoCo's key encoder, ``backbone.`` over ``momentum_backbone.``...).
+   ``module.encoder_q.`` over MoCo's key encoder, ``backbone.`` over ``momentum_backbone.``...);
+   a tie it does not break (BYOL's ``online_network.`` and ``target_network.``) is a one-line
+   error naming the prefixes, never a guess;
    A name may also address the model's children by position, as lightly's examples do with
    ``nn.Sequential(*list(resnet.children())[:-1])`` (``backbone.4.0.conv1.weight`` is
    ``layer1.0.conv1.weight``); that reading is tried too.
@@ -96,7 +98,7 @@ def match_keys(state: dict, model: nn.Module, prefix: str | None = None) -> dict
         alt = _children_form(k, children)
         if alt is not None:
             forms["positional"][k] = alt
-    best = None
+    best, seen = None, []
     for form, names in forms.items():
         counts = Counter()
         for orig, name in names.items():
@@ -109,11 +111,15 @@ def match_keys(state: dict, model: nn.Module, prefix: str | None = None) -> dict
             counts = Counter({prefix: counts.get(prefix, 0)})
         for pre, n in counts.items():
             cand = (n, -_rank(pre), form == "direct")
+            seen.append((cand[:2], pre))
             if best is None or cand > best[0]:
                 best = (cand, form, pre)
     if best is None:
         return {"mapped": {}, "prefix": prefix or "", "positional": False, "unused": list(state), "mismatched": []}
-    _, form, pre = best
+    cand, form, pre = best
+    # another prefix maps as many tensors and PREFERRED does not rank either (BYOL's
+    # online_network. vs target_network.): which encoder is evaluated must not be a dict order
+    ambiguous = sorted({p for c, p in seen if c == cand[:2] and p != pre})
     mapped, unused, mismatched = {}, [], []
     for orig, name in forms[form].items():
         if name.startswith(pre) and name[len(pre):] in target:
@@ -125,12 +131,16 @@ def match_keys(state: dict, model: nn.Module, prefix: str | None = None) -> dict
         unused.append(orig)
     unused += [k for k in state if k not in forms[form]]
     return {"mapped": mapped, "prefix": pre, "positional": form == "positional", "unused": unused,
-            "mismatched": mismatched}
+            "mismatched": mismatched, "ambiguous": ambiguous}
 
 
 def load_weights(model: nn.Module, state: dict, where: str, prefix: str | None = None) -> dict:
     """Copy the checkpoint's backbone weights into ``model``; error if any stays uninitialised."""
     m = match_keys(state, model, prefix)
+    if m.get("ambiguous"):
+        names = ", ".join(repr(p) for p in sorted([m["prefix"], *m["ambiguous"]]))
+        raise EvalError(f"{where}: prefixes {names} each hold {len(m['mapped'])} of the model's weights: "
+                        "pass --prefix to choose the encoder to evaluate")
     missing = [k for k in model.state_dict() if k not in m["mapped"] and not k.endswith("num_batches_tracked")]
     if missing:
         hint = f"; shapes differ: {', '.join(m['mismatched'][:3])}" if m["mismatched"] else ""
