@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -224,9 +225,11 @@ def test_an_explicit_older_resume_sets_the_later_checkpoints_aside(tmp_path, sha
     run = tmp_path / "run"
     assert train(run, shards, "train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep=3") == 0
     step2, step4 = ckpt.checkpoint_dir(run, 2), ckpt.checkpoint_dir(run, 4)
+    best = tmp_path / "best"  # a PATH may be named anything: "later" is by step, not by name
+    shutil.copytree(step2, best)
     capsys.readouterr()
     assert train(run, shards, "train.max_steps=3", "checkpoint.every_steps=2", "checkpoint.keep=3",
-                 f"resume={step2}", "--accept-changes") == 0
+                 f"resume={best}", "--accept-changes") == 0
     assert f"{step4} renamed .abandoned-step-000000004 (the run goes on from step 2)" in capsys.readouterr().out
     assert ckpt.list_checkpoints(run) == [step2, ckpt.checkpoint_dir(run, 3)]
     assert ckpt.resolve_resume("auto", run) == ckpt.checkpoint_dir(run, 3)

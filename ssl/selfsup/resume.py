@@ -93,7 +93,8 @@ def resume(trainer) -> Path | None:
     _restore(trainer, path, state, rank_state)
     step = trainer.state["step"]
     if cfg.resume != "auto" and acc.is_main_process:  # later steps: another history now
-        later = [p for p in ckpt.list_checkpoints(trainer.run_dir) if p.name > path.name]
+        later = [p for p in ckpt.list_checkpoints(trainer.run_dir)
+                 if int(ckpt.STEP_DIR.match(p.name).group(1)) > step]  # PATH may be named anything
         _set_aside(trainer, later, "abandoned", f"the run goes on from step {step}")
     export = trainer.run_dir / "export" / f"backbone-step{step:09d}.safetensors"
     if acc.is_main_process and not export.is_file():  # the run stopped before writing it
