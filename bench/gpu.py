@@ -40,7 +40,6 @@ import json
 import platform
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -48,11 +47,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import timed  # noqa: E402
+from train_step import timed, trainer_step  # noqa: E402
 
 from selfsup.config import load_recipe  # noqa: E402
 from selfsup.optim import create_optimizer  # noqa: E402
-from selfsup.schedules import EMA  # noqa: E402
 from selfsup.trainer import build_model, make_accelerator  # noqa: E402
 from selfsup.views import view_size  # noqa: E402
 
@@ -100,29 +98,19 @@ def make_step(recipe: str, overrides: list[str], batch: int, channels_last: bool
     shape = (batch, len(views), 3, view_size(views), view_size(views))
     images = torch.randint(0, 256, shape, dtype=torch.uint8, device=acc.device)
     gen = torch.Generator().manual_seed(0)
-    ema, momentum = EMA(objective.momentum_pairs()), objective.momentum(0.5)
-    region = record_function if parts else (lambda name: nullcontext())
     if parts:
         annotate(objective.augment, "forward", "augmentation")
         if hasattr(objective, "sample_masks"):
             annotate(objective, "sample_masks", "masks")
-
-    def step():  # as the trainer's loop: forward, backward, optimizer, EMA (a no-op without pairs)
-        with region("forward"):
-            loss = model({"image": images, "epoch": 1.0}, gen)[0]
-        with region("backward"):
-            acc.backward(loss)
-        with region("optimizer"):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        with region("ema"):
-            ema.update(momentum)
+    step = trainer_step(acc, opt, objective, lambda: model({"image": images, "epoch": 1.0}, gen)[0],
+                        momentum=objective.momentum(0.5), region=record_function if parts else None)
     return step, size
 
 
 def breakdown(step, steps: int) -> dict:
     """Per step, in ms: host and device time of each part (forward without augmentation and
-    masks, which are reported on their own), the device's busy time and its idle time."""
+    masks, which are reported on their own), the device's busy time and its idle time. The wall
+    time is taken under the profiler, so it includes the profiler's own overhead."""
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -145,12 +133,11 @@ def breakdown(step, steps: int) -> dict:
         device["forward"] -= device[inner]
     busy = sum(e.self_device_time_total for e in events
                if e.device_type == torch.autograd.DeviceType.CPU) / 1e3 / steps
-    out = {"profiled_steps": steps, "wall_ms": round(wall * 1e3, 2),
+    return {"profiled_steps": steps, "wall_ms": round(wall * 1e3, 2),
            "host_ms": {k: round(v, 2) for k, v in host.items()},
            "device_ms": {k: round(v, 2) for k, v in device.items()} if cuda else None,
            "gpu_busy_ms": round(busy, 2) if cuda else None,
            "gpu_idle_ms": round(wall * 1e3 - busy, 2) if cuda else None}
-    return out
 
 
 def count_flops(step) -> int:

@@ -23,6 +23,7 @@ import argparse
 import math
 import platform
 import time
+from contextlib import nullcontext
 
 import timm
 import torch
@@ -118,18 +119,25 @@ def report(args, device, t_plain: float, t_self: float) -> None:
     print(f"ratio selfsup / plain     : {ips_self / ips_plain:8.2f}")
 
 
-def trainer_step(acc, opt, objective, forward, momentum=None):
+def trainer_step(acc, opt, objective, forward, momentum=None, region=None):
     """The trainer's optimizer step as a closure: ``forward()`` gives the loss; accelerate
     backward, step, and the EMA of the objective's momentum pairs when ``momentum`` is set
-    (gathered once, as the trainer does)."""
+    (gathered once, as the trainer does). ``region(name)``: a context around each part
+    (forward, backward, optimizer, ema), e.g. ``torch.profiler.record_function``."""
     ema = EMA(objective.momentum_pairs())
+    region = region or (lambda name: nullcontext())
 
     def step():
-        acc.backward(forward())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with region("forward"):
+            loss = forward()
+        with region("backward"):
+            acc.backward(loss)
+        with region("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if momentum is not None:
-            ema.update(momentum)
+            with region("ema"):
+                ema.update(momentum)
     return step
 
 
