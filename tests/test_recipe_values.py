@@ -43,3 +43,14 @@ def test_bad_values_are_one_line_naming_the_key(tmp_path, capsys, override, key)
 def test_every_shipped_recipe_passes_the_checks():
     for recipe in sorted((ROOT / "recipes").rglob("*.yaml")):
         load_recipe(str(recipe))  # raises on a bad value
+
+
+def test_ijepa_vit_base_gives_the_papers_schedule_at_batch_2048():
+    """I-JEPA ViT-B/16 (official configs): lr 1e-3, start_lr 2e-4, final_lr 1e-6 at a global
+    batch of 2048. Only optim.lr follows the batch; warmup_lr and min_lr are absolute (a warmup_lr
+    written per 256 started the warm-up 8× too low)."""
+    from selfsup.schedules import scaled_lr
+
+    o = load_recipe(str(ROOT / "recipes" / "ijepa_vit_base.yaml")).optim
+    assert scaled_lr(o.lr, 2048, o.lr_scaling) == pytest.approx(1e-3)
+    assert (o.warmup_lr, o.min_lr, o.warmup_epochs) == (pytest.approx(2e-4), pytest.approx(1e-6), 40)

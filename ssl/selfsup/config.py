@@ -85,7 +85,7 @@ class OptimConfig:
     weight_decay_end: Optional[float] = None  # cosine weight-decay schedule (I-JEPA)
     momentum: float = 0.9
     warmup_epochs: float = 0.0
-    warmup_lr: float = 0.0
+    warmup_lr: float = 0.0  # absolute, as min_lr: only lr follows the global batch
     min_lr: float = 0.0
     clip_grad: Optional[float] = None
 
