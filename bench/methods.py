@@ -94,6 +94,9 @@ OBJECTIVES = {
     "infonce_halluc_masked": (["recipes/simclr.yaml"], RESNET + HEAD + HALLUC + [
         "objective.hallucinator.mask_same_image=true"]),  # infonce_halluc's rows before #15
     "mochi_early": (["recipes/mochi.yaml"], RESNET + HEAD + MOCO + MOCHI + ["objective.mochi.start_epoch=0.05"]),
+    # I-JEPA init ablations (RESULTS.md: what behind I-JEPA's drop since the pre-#15 rows)
+    "ijepa_rescale": (["recipes/ijepa_vit_tiny.yaml"], ["objective.rescale_init=true"]),
+    "ijepa_fan_in": (["recipes/ijepa_vit_tiny.yaml"], ["objective.patch_embed_init=fan_in"]),
 }
 # rows that evaluate another export of a row's training: that run's directory is copied and its
 # final checkpoint resumed with the overrides (--accept-changes), so the two rows differ in nothing
@@ -101,9 +104,10 @@ OBJECTIVES = {
 DERIVED = {"ijepa_context": ("ijepa", ["objective.export=context"])}
 # the default run: the method table; the other rows are run by name (--objectives)
 DEFAULT = ["infonce", "dcl", "dclw", "moco", "mochi", "infonce_halluc", "ijepa", "jigclu"]
-OWN_DATA = ("ijepa", "jigclu")
+OWN_DATA = ("ijepa", "jigclu", "ijepa_rescale", "ijepa_fan_in")
 VIT = "ViT (6x192, patch 4, 32 px)"
-BACKBONE = {"ijepa": VIT, "ijepa_context": VIT, "jigclu": "resnet10t, 64 px montages"}
+BACKBONE = {"ijepa": VIT, "ijepa_context": VIT, "ijepa_rescale": VIT, "ijepa_fan_in": VIT,
+            "jigclu": "resnet10t, 64 px montages"}
 
 
 def run_one(name: str, seed: int, images: int, batch: int, train: str, val: str, precision: str) -> dict:
@@ -187,7 +191,9 @@ PAIRS = [("moco", "moco_plainbn", "shuffle/split-BN on MoCo (moco.yaml: 8 groups
          ("infonce_halluc", "infonce_halluc_masked", "the Hallucinator on SimCLR: published minus masked loss"),
          ("ijepa", "ijepa_context", "I-JEPA: target (EMA) minus context encoder exported"),
          ("mochi", "moco", "MoCHi, mixing after the queue has filled, over MoCo"),
-         ("mochi", "mochi_early", "MoCHi: mixing after minus before the queue has filled")]
+         ("mochi", "mochi_early", "MoCHi: mixing after minus before the queue has filled"),
+         ("ijepa_fan_in", "ijepa", "I-JEPA: patch conv at the paper's output scale minus σ 0.02"),
+         ("ijepa_rescale", "ijepa", "I-JEPA: with minus without the √(2ℓ) rescaling")]
 
 
 def pairs_table(records: list[dict]) -> str:

@@ -256,12 +256,32 @@ def test_ijepa_recipe_trains_and_its_export_evaluates(tmp_path):
     assert not torch.equal(exported[name], state[f"encoder.vit.{name}"])
 
 
+@pytest.mark.parametrize("patch,chans", [(2, 3), (4, 1), (16, 3)])
+def test_fan_in_patch_init_keeps_the_papers_output_scale(patch, chans):
+    """``patch_embed_init: fan_in``: σ = 0.02·√(768 / fan-in), so a patch of unit-variance pixels
+    is embedded with the spread σ 0.02 gives a 16×16×3 patch (0.02·√768 ≈ 0.554), whatever the
+    patch; at 16×16×3 it is the official σ 0.02 itself. The official init keeps σ 0.02."""
+    from selfsup.objectives.ijepa import fan_in_patch_init
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(chans, 384, patch, stride=patch, bias=False)
+    fan_in = chans * patch * patch
+    fan_in_patch_init(conv)
+    assert trunc_normal_like(conv.weight, 0.02 * (768 / fan_in) ** 0.5)
+    x = torch.randn(512, chans, patch, patch)
+    assert conv(x).std().item() == pytest.approx(0.02 * 768 ** 0.5, rel=0.1)
+    official = build().encoder.vit.patch_embed.proj.weight  # 2x2x3: σ 0.02 stays
+    fan = build("objective.patch_embed_init=fan_in").encoder.vit.patch_embed.proj.weight
+    assert trunc_normal_like(official) and trunc_normal_like(fan, 0.02 * 8)  # √(768/12) = 8
+
+
 @pytest.mark.parametrize("args,message", [
     (["model.kwargs.class_token=true"], "model.kwargs.class_token=false"),
     (["model.kwargs.fc_norm=true"], "model.kwargs.fc_norm=false"),
     (["augment.size=32"], "augment.size=32 but the ViT is built for 16 px"),
     (["objective.loss=l1"], "objective.loss must be one of smooth_l1, mse"),
     (["objective.export=online"], "objective.export must be one of target, context"),
+    (["objective.patch_embed_init=xavier"], "objective.patch_embed_init must be one of official, fan_in"),
     (["objective.target_scale=[0.3,0.2]"], "objective.target_scale must be [low, high]"),
     (["objective.pred_dim=33"], "objective.pred_dim=33 is not divisible"),
     (["objective.min_keep=12"], "target blocks can be as small as 9 patches on the 8x8 grid"),

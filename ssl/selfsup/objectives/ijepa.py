@@ -26,7 +26,11 @@ Pieces, following the official code (``facebookresearch/ijepa``):
   (lightly's predictor keeps PyTorch's default Linear init and a zero mask token). The official
   constructors also divide block ℓ's output projections by √(2ℓ) (``fix_init_weight``), but
   ``src/helper.py:init_model`` re-draws every Linear afterwards, which undoes it;
-  ``rescale_init: true`` applies the rescaling (selfsup's earlier init).
+  ``rescale_init: true`` applies the rescaling (selfsup's earlier init). σ = 0.02 on the patch
+  conv is tuned to the paper's 16×16×3 patches (fan-in 768: it is then also PyTorch's default
+  scale); on small patches it shrinks the image content against the fixed sin-cos positions
+  (4×4×3: 4× smaller). ``patch_embed_init: fan_in`` keeps the paper's output scale instead,
+  σ = 0.02·√(768 / fan-in) (identical to the official init at 16×16×3; docs/methods.md §3.8).
 
 The optimiser (AdamW, weight decay cosine 0.04 → 0.4 via ``optim.weight_decay_end``, no decay on
 biases and norms) and the lr schedule are the trainer's. The export (and the online monitor) is
@@ -55,6 +59,8 @@ from selfsup.objectives.ijepa_masks import MultiBlockMasks
 
 LOSSES = ("smooth_l1", "mse")
 EXPORTS = ("target", "context")
+PATCH_INITS = ("official", "fan_in")
+PAPER_PATCH_FAN_IN = 16 * 16 * 3  # the patch the official σ 0.02 was chosen for
 
 
 def official_init(module: torch.nn.Module, std: float = 0.02) -> None:
@@ -69,6 +75,14 @@ def official_init(module: torch.nn.Module, std: float = 0.02) -> None:
             elif isinstance(m, torch.nn.LayerNorm):
                 torch.nn.init.ones_(m.weight)
                 torch.nn.init.zeros_(m.bias)
+
+
+def fan_in_patch_init(conv: torch.nn.Conv2d, std: float = 0.02) -> None:
+    """The patch conv truncated normal with σ = ``std``·√(768 / fan-in): the output scale σ 0.02
+    gives the paper's 16×16×3 patches, kept at any patch size (bias stays zero)."""
+    fan_in = conv.weight[0].numel()
+    with torch.no_grad():
+        torch.nn.init.trunc_normal_(conv.weight, std=std * (PAPER_PATCH_FAN_IN / fan_in) ** 0.5)
 
 
 def fix_init_weight(blocks) -> None:
@@ -109,6 +123,7 @@ class IJEPA(Objective):
         momentum_end: float = 1.0
         export: str = "target"  # target (EMA; the paper evaluates it) | context: exported, monitored
         rescale_init: bool = False  # true: block ℓ's output projections / √(2ℓ) (undone officially)
+        patch_embed_init: str = "official"  # official (σ 0.02) | fan_in (σ 0.02·√(768/fan-in))
 
     def __init__(self, cfg, backbone):
         super().__init__(cfg, backbone)
@@ -124,6 +139,8 @@ class IJEPA(Objective):
         official_init(backbone)
         if oc.rescale_init:
             fix_init_weight(backbone.blocks)
+        if oc.patch_embed_init == "fan_in":
+            fan_in_patch_init(backbone.patch_embed.proj)
         # sin-cos positions, fixed as in the official encoder; the unused mask token stays frozen
         self.encoder = MaskedVisionTransformerTIMM(backbone, weight_initialization="skip",
                                                    pos_embed_initialization="sincos")
@@ -173,6 +190,9 @@ class IJEPA(Objective):
                               f"{cfg.augment.size}")
         if oc.export not in EXPORTS:
             raise RecipeError(f"objective.export must be one of {', '.join(EXPORTS)}, not {oc.export!r}")
+        if oc.patch_embed_init not in PATCH_INITS:
+            raise RecipeError(f"objective.patch_embed_init must be one of {', '.join(PATCH_INITS)}, "
+                              f"not {oc.patch_embed_init!r}")
         if oc.loss not in LOSSES:
             raise RecipeError(f"objective.loss must be one of {', '.join(LOSSES)}, not {oc.loss!r}")
         _check_range("target_scale", oc.target_scale, 0.0, 1.0)
