@@ -81,6 +81,31 @@ def test_a_second_trainer_refuses_the_run_dir_and_a_killed_owner_leaves_no_lock(
     assert train(run, shards, "train.max_steps=1") == 0  # nor does our own, released at the end
 
 
+def test_a_killed_owners_forked_workers_do_not_keep_its_lock(tmp_path):
+    """flock belongs to the open file description, which fork shares: an owner killed with
+    SIGKILL left its lock held by the DataLoader workers it had forked until they noticed."""
+    from selfsup.rundir import RunDirError, RunDirLock
+
+    run, pid_file = tmp_path / "run", tmp_path / "worker.pid"
+    owner = subprocess.run(
+        [sys.executable, "-c", "import os, signal, sys, time; from selfsup.rundir import RunDirLock; "
+         "RunDirLock(sys.argv[1]); pid = os.fork()\n"
+         "if pid == 0:\n"  # the worker says it runs (its fork hooks have run), then lingers
+         "    open(sys.argv[2] + '.tmp', 'w').write(str(os.getpid())); os.rename(sys.argv[2] + '.tmp', sys.argv[2])\n"
+         "    time.sleep(60); os._exit(0)\n"
+         "while not os.path.exists(sys.argv[2]): time.sleep(0.01)\n"
+         "os.kill(os.getpid(), signal.SIGKILL)",
+         str(run), str(pid_file)], env=child_env())
+    worker = int(pid_file.read_text())
+    try:
+        assert owner.returncode == -9 and os.path.exists(f"/proc/{worker}")  # the worker lives on
+        RunDirLock(run).release()  # raised "in use by another trainer" before
+    except RunDirError as e:
+        pytest.fail(str(e))
+    finally:
+        os.kill(worker, 9)
+
+
 def test_a_run_dir_that_cannot_hold_the_lock_is_one_line_not_a_traceback(tmp_path):
     """An OSError in rank 0's lock (run.dir unwritable, or under a file) used to escape as a
     traceback, and with several processes left the other ranks waiting in the flag's reduce."""

@@ -96,6 +96,10 @@ class RunDirLock:
                           flush=True)
                     waited = True
                 time.sleep(1.0)
+        # a forked child (a DataLoader worker, a compile worker) shares the locked file
+        # description: killed with SIGKILL, the trainer's lock would live on in its orphaned
+        # workers for seconds. Each child drops its copy at once; the parent's lock is unaffected
+        os.register_at_fork(after_in_child=self._drop_in_child)
         os.ftruncate(self.fd, 0)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         os.pwrite(self.fd, f"host {socket.gethostname()} pid {os.getpid()} since {stamp}\n".encode(), 0)
@@ -106,6 +110,11 @@ class RunDirLock:
         except OSError:
             text = ""
         return text or "holder unknown"
+
+    def _drop_in_child(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # this process's reference only: the parent still holds the flock
+            self.fd = None
 
     def release(self) -> None:
         if self.fd is not None:
@@ -191,6 +200,11 @@ def saved_recipe(checkpoint: Path, run_dir: Path):
 
 
 class _NoLock:
+    def _drop_in_child(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # this process's reference only: the parent still holds the flock
+            self.fd = None
+
     def release(self) -> None:
         pass
 
