@@ -19,9 +19,9 @@ bench/results/methods-gpu`` (the runs are small; 12 share the GPU and the CPU co
 Method fidelity (issue 15), each pair at the 4x budget of bench/RESULTS.md, 3 seeds, into a fresh
 directory (runs.jsonl there holds no pre-#15 rows under the same names):
 
-    python bench/methods.py --images 120000 --seeds 0 1 2 --out bench/results/methods-fidelity \
-        --objectives moco moco_plainbn moco_halluc infonce_halluc infonce_halluc_masked \
-                     ijepa ijepa_context mochi mochi_early
+    python bench/methods.py --images 120000 --seeds 0 1 2 --out bench/results/methods-fidelity-4x \
+        --parallel 2 --objectives ijepa moco moco_plainbn moco_halluc infonce_halluc \
+                     infonce_halluc_masked mochi ijepa_context
 
 * shuffle/split-BN: ``moco`` (on, moco.yaml) vs ``moco_plainbn`` (off: one BN group, no shuffle);
 * the Hallucinator on MoCo (the paper's headline setting): ``moco_halluc`` vs ``moco``
@@ -29,7 +29,9 @@ directory (runs.jsonl there holds no pre-#15 rows under the same names):
 * the Hallucinator on SimCLR: ``infonce_halluc`` (published NT-Xent) vs ``infonce_halluc_masked``;
 * I-JEPA's export: ``ijepa`` (target/EMA encoder) vs ``ijepa_context`` (the context encoder of the
   same run: ijepa's final checkpoint resumed with ``objective.export=context``);
-* MoCHi: ``mochi`` (mixing after the queue has filled) vs ``mochi_early`` (before) and ``moco``.
+* MoCHi: ``mochi`` (mixing after the queue has filled) vs ``mochi_early`` (before) and ``moco``;
+* I-JEPA's init: ``ijepa_fan_in`` (patch conv at the paper's output scale) and ``ijepa_rescale``
+  (the √(2ℓ) rescaling) vs ``ijepa``.
 On a GPU, the method table at ten times that budget: ``python bench/methods.py --images 1200000
 --parallel 8 --precision bf16 --out bench/results/methods-gpu-10x``.
 
