@@ -200,11 +200,6 @@ def saved_recipe(checkpoint: Path, run_dir: Path):
 
 
 class _NoLock:
-    def _drop_in_child(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # this process's reference only: the parent still holds the flock
-            self.fd = None
-
     def release(self) -> None:
         pass
 
