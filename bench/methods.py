@@ -96,7 +96,7 @@ OBJECTIVES = {
     "infonce_halluc_masked": (["recipes/simclr.yaml"], RESNET + HEAD + HALLUC + [
         "objective.hallucinator.mask_same_image=true"]),  # infonce_halluc's rows before #15
     "mochi_early": (["recipes/mochi.yaml"], RESNET + HEAD + MOCO + MOCHI + ["objective.mochi.start_epoch=0.05"]),
-    # I-JEPA init ablations (RESULTS.md: what behind I-JEPA's drop since the pre-#15 rows)
+    # I-JEPA init ablations (RESULTS.md: what is behind I-JEPA's drop since the pre-#15 rows)
     "ijepa_rescale": (["recipes/ijepa_vit_tiny.yaml"], ["objective.rescale_init=true"]),
     "ijepa_fan_in": (["recipes/ijepa_vit_tiny.yaml"], ["objective.patch_embed_init=fan_in"]),
 }
@@ -106,10 +106,15 @@ OBJECTIVES = {
 DERIVED = {"ijepa_context": ("ijepa", ["objective.export=context"])}
 # the default run: the method table; the other rows are run by name (--objectives)
 DEFAULT = ["infonce", "dcl", "dclw", "moco", "mochi", "infonce_halluc", "ijepa", "jigclu"]
-OWN_DATA = ("ijepa", "jigclu", "ijepa_rescale", "ijepa_fan_in")
-VIT = "ViT (6x192, patch 4, 32 px)"
-BACKBONE = {"ijepa": VIT, "ijepa_context": VIT, "ijepa_rescale": VIT, "ijepa_fan_in": VIT,
-            "jigclu": "resnet10t, 64 px montages"}
+# recipes that merge the data recipe under their own augmentation and keep their own backbone
+OWN_BACKBONE = {"recipes/ijepa_vit_tiny.yaml": "ViT (6x192, patch 4, 32 px)",
+                "recipes/jigclu_small.yaml": "resnet10t, 64 px montages"}
+
+
+def backbone(name: str) -> str:
+    """The backbone a row trains: its recipe's own, else the make-demo resnet10t."""
+    source = DERIVED.get(name, (name,))[0]
+    return OWN_BACKBONE.get(OBJECTIVES[source][0][0], "resnet10t 28 px")
 
 
 def run_one(name: str, seed: int, images: int, batch: int, train: str, val: str, precision: str) -> dict:
@@ -118,8 +123,7 @@ def run_one(name: str, seed: int, images: int, batch: int, train: str, val: str,
     overrides = [*overrides, *extra]
     run_dir = ROOT / "runs" / "bench-methods" / f"{name}-b{batch}-s{seed}"
     steps = max(1, images // batch)
-    # ijepa/jigclu recipes already merge the data recipe under their own augmentation
-    data = [] if source in OWN_DATA else DATA
+    data = [] if recipes[0] in OWN_BACKBONE else DATA
     derived = source != name
     args = [*recipes, *data, *overrides, f"run.dir={run_dir}", f"run.seed={seed}",
             f"train.batch_size={batch}", f"train.max_steps={steps}", f"train.precision={precision}",
@@ -179,7 +183,7 @@ def table(records: list[dict], raw: dict | None) -> str:
         groups.setdefault((r["objective"], r["batch"]), []).append(r)
     for (name, batch), rs in groups.items():
         mark = " †" if any("note" in r for r in rs) else ""
-        lines.append(f"| {name}{mark} | {batch} | {BACKBONE.get(name, 'resnet10t 28 px')} | {len(rs)} | "
+        lines.append(f"| {name}{mark} | {batch} | {backbone(name)} | {len(rs)} | "
                      f"{rs[0]['images']} | {fmt([r['knn20'] for r in rs])} | {fmt([r['linear'] for r in rs])} | "
                      f"{fmt([r['train_s'] / 60 for r in rs], 1)} min |")
     notes = sorted({r["note"] for r in records if "note" in r})
