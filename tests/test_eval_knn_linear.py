@@ -128,3 +128,33 @@ def test_without_a_hold_out_the_defaults_are_used_and_said():
     xva, yva = clustered(20, d=6, c=5, seed=1)
     rec = knn_linear(xtr, ytr, xva, yva, hold=torch.tensor([], dtype=torch.long))["knn_linear"]
     assert not rec["tuned"] and (rec["lambda"], rec["k"], rec["temperature"]) == (0.5, 5, 0.07)
+
+
+def test_the_penalty_sweep_never_sees_a_held_out_label(problem, monkeypatch):
+    """The sweep fits' k-NN weights come from the rest of train alone: with k and T fixed (their
+    choice on the hold-out is a legitimate use of it), relabelling the held-out images leaves those
+    weights unchanged, and they are the leave-one-out formula within the rest."""
+    import selfsup_eval.knn_linear as kl
+    xtr, ytr, xva, yva = problem
+    seen = []
+
+    def spy(*a, **kw):
+        seen.append((kw["sample_weight"].clone(), kw["sweep_weight"].clone()))
+        return fit_probe(*a, **kw)
+
+    def fixed_signal(*a, p_linear=None, **kw):  # the k-NN signal's k and T; λ is still tuned
+        return {"k": 6, "temperature": 0.1} if p_linear is None else tune(*a, p_linear=p_linear, **kw)
+
+    monkeypatch.setattr(kl, "fit_probe", spy)
+    monkeypatch.setattr(kl, "tune", fixed_signal)
+    hold = torch.arange(0, len(xtr), 7)
+    rest = torch.tensor([i for i in range(len(xtr)) if i % 7])
+    relabelled = ytr.clone()
+    relabelled[hold] = (ytr[hold] + 1) % int(ytr.max() + 1)
+    rec = knn_linear(xtr, ytr, xva, yva, knn_loss=0.5, hold=hold)["linear"]["knn_loss"]
+    knn_linear(xtr, relabelled, xva, yva, knn_loss=0.5, hold=hold)
+    (full_a, sweep_a), (full_b, sweep_b) = seen
+    torch.testing.assert_close(sweep_a[rest], sweep_b[rest])
+    assert not torch.allclose(full_a[rest], full_b[rest])  # the final fit does use every label
+    ref = knn_loss_weights(xtr[rest], ytr[rest], rec["k"], rec["temperature"], 0.5, int(ytr.max() + 1))
+    torch.testing.assert_close(sweep_a[rest], ref)

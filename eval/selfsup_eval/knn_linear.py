@@ -16,7 +16,9 @@ official code (KMnP/nn-revisit) does it; docs/methods.md §6.4 says it in the pr
   ``1 + COEFF·min(−log p_kNN(y), 100)``, with ``p_kNN`` its leave-one-out k-NN probability of its
   own label (the image itself is not its own neighbour), k and T chosen by k-NN top-1 alone on
   the held-out part. Images their neighbours already classify (easy) keep weight ~1; images the
-  neighbours get wrong (hard) weigh more. The sum is divided by N as in their loss.
+  neighbours get wrong (hard) weigh more. The sum is divided by N as in their loss. The sweep fits
+  that choose the probe's penalty on the held-out part use weights computed within the rest of
+  train, so no held-out label reaches them; the final fit's weights use all of train.
 
 Grids (theirs): T ∈ {1e-4, 1e-3, 1e-2, 0.1, 1, 10, 0.02…0.09, 0.2…0.9}, λ ∈ {0.05, 0.10, …, 0.95},
 k ∈ {1, 2, 4, …, 512} plus the mean number of images per class. Departures: their k-NN
@@ -126,6 +128,19 @@ def knn_loss_weights(train_x, train_y, k: int, temperature: float, coeff: float,
     return 1 + coeff * (-torch.log(p_own)).clamp(max=NLL_CLAMP)
 
 
+def rest_only_weights(train_x, train_y, rest: torch.Tensor, sig: dict, coeff: float, num_classes: int) -> torch.Tensor | None:
+    """The k-NN loss weights of the sweep fits: leave-one-out within the non-held-out part only,
+    so the penalty chosen on the held-out part never used a held-out label (N,; held-out entries 1,
+    unused). None when nothing is held out (the full weights are then these) or under 2 images remain."""
+    n = len(train_x)
+    if len(rest) == n or len(rest) < 2:
+        return None
+    out = torch.ones(n, device=train_x.device)
+    out[rest] = knn_loss_weights(train_x[rest], train_y[rest], min(sig["k"], len(rest) - 1),
+                                 sig["temperature"], coeff, num_classes)
+    return out
+
+
 def _accuracy(p: torch.Tensor, y: torch.Tensor, k: int) -> float:
     k = min(k, p.shape[1])
     return (p.topk(k, dim=1).indices == y.to(p.device).view(-1, 1)).any(1).float().mean().item()
@@ -151,7 +166,7 @@ def knn_linear(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor
     keep[hold] = False
     rest = keep.nonzero().squeeze(1)
     hold_d, rest_d = hold.to(device), rest.to(device)
-    weights, loss_info = None, None
+    weights, sweep_weights, loss_info = None, None, None
     if knn_loss > 0:
         if len(hold):
             sig = tune(train_x[rest_d], train_y[rest_d], train_x[hold_d], train_y[hold_d], c)
@@ -159,10 +174,11 @@ def knn_linear(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor
             sig = {"k": DEFAULTS["k"], "temperature": DEFAULTS["temperature"]}
         sig["k"] = min(sig["k"], n - 1)
         weights = knn_loss_weights(train_x, train_y, sig["k"], sig["temperature"], knn_loss, c)
+        sweep_weights = rest_only_weights(train_x, train_y, rest_d, sig, knn_loss, c)
         loss_info = {"coeff": knn_loss, "k": sig["k"], "temperature": sig["temperature"],
                      "mean_weight": float(weights.mean())}
     fit = fit_probe(train_x, train_y, val_x, val_y, device=device, seed=seed, hold=hold,
-                    sample_weight=weights, num_classes=c, **probe_kw)
+                    sample_weight=weights, sweep_weight=sweep_weights, num_classes=c, **probe_kw)
     linear = dict(fit.record)
     if loss_info:
         linear["knn_loss"] = loss_info

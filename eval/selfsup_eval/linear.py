@@ -119,13 +119,16 @@ def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
               weight_decays=WEIGHT_DECAYS, holdout: float = 0.1, seed: int = 0, device="cpu",
               max_iter: int = 200, sweep_iter: int = 60, sweep_samples: int = 10000,
               hold: torch.Tensor | None = None, sample_weight: torch.Tensor | None = None,
-              num_classes: int | None = None) -> ProbeFit:
+              sweep_weight: torch.Tensor | None = None, num_classes: int | None = None) -> ProbeFit:
     """The probe (see :func:`linear_probe`), keeping its held-out split and logits.
 
     ``hold``: train indices to hold out (default: a seeded random ``holdout`` share, at least one
     sample, as the full-label probe has always done); an empty ``hold``
     skips the sweep and takes the strongest penalty (with nothing to compare, every penalty ties,
-    and ties go to the stronger one). ``sample_weight``: per-sample loss weights."""
+    and ties go to the stronger one). ``sample_weight`` (N,): per-sample loss weights of the final
+    fit; ``sweep_weight`` (N, read at the non-held-out indices only): those of the sweep fits,
+    when the weights themselves were computed from train labels and must not have seen the
+    held-out ones (default: ``sample_weight``)."""
     train_x, val_x = train_x.float().to(device), val_x.float().to(device)
     train_y, val_y = train_y.long().to(device), val_y.long().to(device)
     n = len(train_x)
@@ -140,13 +143,14 @@ def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
     rest_all = perm[keep[perm]]  # in the seeded order, so the sweep's first 10k are a random subset
     hold, rest = hold.to(device), rest_all[:sweep_samples].to(device)
     sw = None if sample_weight is None else sample_weight.float().to(device)
+    sweep_sw = sw if sweep_weight is None else sweep_weight.float().to(device)
     sweep, solutions, init = {}, {}, None
     if len(hold):
         x_rest, y_rest, x_hold, y_hold = train_x[rest], train_y[rest], train_x[hold], train_y[hold]
         scale = n / len(rest)  # same C (summed-loss weight) on the sweep subset as on all of train
         for wd in sorted(weight_decays, reverse=True):  # strong → weak, warm-started path
             init = fit(x_rest, y_rest, c, wd * scale, init, max_iter=sweep_iter,
-                       sample_weight=None if sw is None else sw[rest])
+                       sample_weight=None if sweep_sw is None else sweep_sw[rest])
             solutions[wd] = init
             sweep[wd] = accuracy(torch.addmm(init[1], x_hold, init[0].T), y_hold, 1)
         best = max(sweep, key=lambda wd: (sweep[wd], wd))  # ties → the stronger penalty
