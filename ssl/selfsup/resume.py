@@ -6,7 +6,9 @@
   renamed ``.damaged-step-N`` (kept for inspection): left as ``step-N`` they would count towards
   ``checkpoint.keep``, and with ``keep: 1`` the next checkpoint written before step N (a
   preemption's) was deleted at once in their favour, leaving nothing that loads. An explicit
-  ``resume=PATH`` is never swapped for another: a damaged one is an error.
+  ``resume=PATH`` is never swapped for another: a damaged one is an error. The same holds with
+  accepted recipe changes (``--accept-changes``); only when no checkpoint loads does the error
+  blame the changes (their tensors do not fit) rather than damage.
 * An explicit ``resume=PATH`` to a step before the run's newest checkpoint starts a new history
   from there: the run directory's later checkpoints are renamed ``.abandoned-step-N``. Left in
   place, the next ``resume=auto`` (a requeue after preemption) would go back to the old history's
@@ -55,6 +57,17 @@ def _check_recipe(trainer, path: Path) -> list[str]:
     return accepted
 
 
+def _misfit(accepted: list[str], whose: str) -> str:
+    """What a failed load says when recipe changes were accepted: most likely they, not damage
+    (e.g. objective.proj_dim changed and the head's tensors no longer fit). Under resume=auto an
+    older checkpoint is still tried first: the same changes loading there means the newest was
+    damaged, and falling back is then what a run without changes would do."""
+    if not accepted:
+        return ""
+    return (f"; the accepted recipe changes ({'; '.join(accepted)}) do not fit {whose} tensors: "
+            "restore them or start a new run.dir")
+
+
 def resume(trainer) -> Path | None:
     """Load the checkpoint ``trainer.cfg.resume`` names into ``trainer``; the path or None."""
     cfg, acc = trainer.cfg, trainer.acc
@@ -78,16 +91,14 @@ def resume(trainer) -> Path | None:
         if _all_ok(acc, error is None):
             break
         reason = str(error) if error is not None else f"checkpoint {path} cannot be loaded on another rank"
-        if accepted:  # not damage: e.g. objective.proj_dim changed, the head's tensors do not fit
-            raise ckpt.CheckpointError(f"{reason}; the accepted recipe changes ({'; '.join(accepted)}) "
-                                       "do not fit its tensors: restore them or start a new run.dir")
         if cfg.resume != "auto":
-            raise ckpt.CheckpointError(reason)
+            raise ckpt.CheckpointError(reason + _misfit(accepted, "its"))
         damaged.append(reason)
         acc.print(f"resume: {reason}; trying the previous checkpoint")
     else:
         raise ckpt.CheckpointError(f"none of the {len(candidates)} checkpoint(s) of {trainer.run_dir} "
-                                   f"can be loaded (newest: {damaged[0]}); resume=none starts over")
+                                   f"can be loaded (newest: {damaged[0]})"
+                                   + (_misfit(accepted, "their") or "; resume=none starts over"))
     if damaged and acc.is_main_process:
         _set_aside(trainer, candidates[:candidates.index(path)], "damaged", "delete it once inspected")
     _restore(trainer, path, state, rank_state)
