@@ -68,6 +68,7 @@ TRAIN, VAL = "data/fashion-mnist/train-{000000..000003}.tar", "data/fashion-mnis
 RESNET = ["model.name=resnet10t", "model.small_stem=false", "model.channels_last=false",
           "augment.size=28", "augment.scale=[0.5,1.0]",
           "optim.name=adamw", "optim.lr=2e-3", "optim.weight_decay=1e-4", "optim.momentum=0.9",
+          "optim.decay_bias_and_norm=false",  # as the demo: moco.yaml's official SGD decays all
           "optim.warmup_epochs=0.1", "optim.lr_scaling=linear"]
 HEAD = ["objective.temperature=0.2", "objective.proj_hidden_dim=512", "objective.proj_dim=128"]
 # MoCo at this scale: a 4096-key queue (16 steps of 256), momentum 0.99; MoCHi(256, 128, 64).

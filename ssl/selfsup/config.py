@@ -84,6 +84,8 @@ class OptimConfig:
     weight_decay: float = 1e-6
     weight_decay_end: Optional[float] = None  # cosine weight-decay schedule (I-JEPA)
     momentum: float = 0.9
+    nesterov: Optional[bool] = None  # None: the optimizer's default (timm's sgd: Nesterov; momentum: not)
+    decay_bias_and_norm: bool = False  # weight decay on biases and norms too (MoCo v2's, JigClu's SGD)
     warmup_epochs: float = 0.0
     warmup_lr: float = 0.0  # absolute, as min_lr: only lr follows the global batch
     min_lr: float = 0.0

@@ -9,6 +9,15 @@ a per-parameter Python loop launches a handful of small kernels per tensor, whic
 update, with less Python per tensor (bench/host_overhead.py measures the host time per step).
 The trainer and ``bench/gpu.py`` both build their optimizer here, so a benchmark measures what a
 run trains with.
+
+Two of timm's choices are not every method's: its ``sgd`` is Nesterov SGD (``momentum`` is the
+classical one), and it exempts biases and norm parameters (every 1-D tensor) from weight decay.
+SimCLR's LARS and I-JEPA's AdamW exempt them too; MoCo v2's and JigClu's official
+``torch.optim.SGD(model.parameters(), ...)`` decays everything with classical momentum. The recipe
+keys ``optim.nesterov`` (None: the optimizer's own default; ignored by optimizers without the
+switch, so ``optim.name=adamw`` over moco.yaml just works) and ``optim.decay_bias_and_norm`` say
+which. The latter keeps timm's two parameter groups and gives the second the same decay, so a
+checkpoint's optimizer state has the same layout either way.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import torch
 from timm.optim import create_optimizer_v2, get_optimizer_class
 
 MOMENTUM_OPTIMIZERS = ("sgd", "momentum", "lars", "nesterov")
+NESTEROV_SWITCH = ("sgd", "momentum", "lars")  # timm's optimizers with a nesterov argument
 
 
 def update_kwargs(name: str, device: torch.device) -> dict:
@@ -35,6 +45,12 @@ def update_kwargs(name: str, device: torch.device) -> dict:
 def create_optimizer(model: torch.nn.Module, optim_cfg, lr: float, device) -> torch.optim.Optimizer:
     """The recipe's ``optim`` section for ``model``'s parameters on ``device`` (timm's names)."""
     kwargs = {"momentum": optim_cfg.momentum} if optim_cfg.name in MOMENTUM_OPTIMIZERS else {}
+    if getattr(optim_cfg, "nesterov", None) is not None and optim_cfg.name in NESTEROV_SWITCH:
+        kwargs["nesterov"] = bool(optim_cfg.nesterov)
     kwargs.update(update_kwargs(optim_cfg.name, device))
-    return create_optimizer_v2(model, opt=optim_cfg.name, lr=lr, weight_decay=optim_cfg.weight_decay,
-                               **kwargs)
+    optimizer = create_optimizer_v2(model, opt=optim_cfg.name, lr=lr, weight_decay=optim_cfg.weight_decay,
+                                    **kwargs)
+    if getattr(optim_cfg, "decay_bias_and_norm", False):
+        for group in optimizer.param_groups:
+            group["weight_decay"] = optim_cfg.weight_decay
+    return optimizer

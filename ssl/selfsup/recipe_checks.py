@@ -92,6 +92,7 @@ def problems(cfg) -> list[str]:
     at_least("optim.weight_decay", o.weight_decay, 0)
     at_least("optim.weight_decay_end", o.weight_decay_end, 0, optional=True)
     need(_number(o.momentum) and 0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
+    need(o.nesterov is None or isinstance(o.nesterov, bool), "optim.nesterov", "true, false or null", o.nesterov)
     at_least("optim.warmup_epochs", o.warmup_epochs, 0)
     at_least("optim.warmup_lr", o.warmup_lr, 0)
     at_least("optim.min_lr", o.min_lr, 0)

@@ -1,0 +1,79 @@
+"""The recipe's optimizer against what each method's official code builds: MoCo v2's and JigClu's
+``torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=1e-4)`` (classical momentum,
+every parameter decayed), while the other recipes keep timm's exemption of biases and norms."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT
+from selfsup.config import load_recipe
+from selfsup.optim import create_optimizer
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+
+
+def steps(net, optimizer, n=3):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(n):
+        x = torch.randn(8, 3, 6, 6, generator=g)
+        optimizer.zero_grad()
+        net(x).square().mean().backward()
+        optimizer.step()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def built(net, recipe, *overrides):
+    cfg = load_recipe(str(ROOT / "recipes" / recipe), list(overrides))
+    return create_optimizer(net, cfg.optim, 0.05, "cpu"), cfg.optim
+
+
+@pytest.mark.parametrize("recipe", ["moco.yaml", "jigclu.yaml", "mochi.yaml", "moco_hallucinator.yaml"])
+def test_moco_and_jigclu_train_with_the_official_sgd(recipe):
+    net = small_net()
+    net(torch.zeros(1, 3, 6, 6))  # materialise the lazy layer
+    ref_net = copy.deepcopy(net)
+    optimizer, o = built(net, recipe)
+    assert (o.name, o.momentum, o.weight_decay) == ("sgd", 0.9, 1e-4)
+    reference = torch.optim.SGD(ref_net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    for ours, theirs in zip(steps(net, optimizer), steps(ref_net, reference)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_timms_defaults_stay_where_they_are_the_methods():
+    """Without the keys, timm's sgd is Nesterov and biases/norms are not decayed: a different
+    update from the official MoCo one, so the test above would catch the keys going missing."""
+    net = small_net()
+    net(torch.zeros(1, 3, 6, 6))
+    ref_net = copy.deepcopy(net)
+    optimizer, _ = built(net, "moco.yaml", "optim.nesterov=null", "optim.decay_bias_and_norm=false")
+    assert all(g["nesterov"] for g in optimizer.param_groups)
+    decayed = {p.ndim for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert 1 not in decayed and decayed == {2, 4}
+    reference = torch.optim.SGD(ref_net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    ours, theirs = steps(net, optimizer), steps(ref_net, reference)
+    assert not all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(ours, theirs))
+
+
+def test_the_decay_switch_keeps_the_optimizer_state_layout():
+    """Both settings build the same parameter groups, so a checkpoint's optimizer state loads
+    either way (a resume after the recipe gained the key)."""
+    net = small_net()
+    net(torch.zeros(1, 3, 6, 6))
+    a, _ = built(net, "moco.yaml")
+    b, _ = built(net, "moco.yaml", "optim.decay_bias_and_norm=false")
+    steps(net, a, 1)
+    b.load_state_dict(a.state_dict())
+    assert [len(g["params"]) for g in a.param_groups] == [len(g["params"]) for g in b.param_groups]
+
+
+def test_nesterov_is_left_to_optimizers_that_have_it():
+    net = small_net()
+    net(torch.zeros(1, 3, 6, 6))
+    optimizer, _ = built(net, "moco.yaml", "optim.name=adamw")  # moco.yaml's nesterov: false ignored
+    assert isinstance(optimizer, torch.optim.AdamW)
