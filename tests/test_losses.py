@@ -79,7 +79,7 @@ def test_infonce_equals_lightly_ntxent_and_dcl_identity():
     z0, z1 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
     info = contrastive_loss(z0, z1, loss="infonce", temperature=0.1)
     assert info.item() == pytest.approx(NTXentLoss(temperature=0.1)(z0, z1).item(), rel=1e-6)
-    # DCL drops the positive from the denominator, so it is lower than InfoNCE (docs/methods.md §7)
+    # DCL drops the positive from the denominator, so it is lower than InfoNCE (docs/methods.md §1.2)
     assert contrastive_loss(z0, z1, loss="dcl", temperature=0.1).item() < info.item()
     # sigma → ∞ makes every DCLW weight 1, i.e. DCLW → DCL
     dclw = contrastive_loss(z0, z1, loss="dclw", temperature=0.1, sigma=1e9)

@@ -9,10 +9,13 @@ method with thin subclasses, without the subclasses owning the training loop.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, is_dataclass
 from typing import Callable
 
 import torch
+from omegaconf import OmegaConf
+from torch import distributed as dist
 from torch import nn
 
 from selfsup.errors import RecipeError
@@ -47,12 +50,21 @@ class Objective(nn.Module):
     # when the objective runs the backbone's pieces itself (I-JEPA's masked encoder), where
     # compiling the backbone would change nothing: such an objective overrides ``compile_step``
     backbone_entry: str | None = "forward"
+    # the loss contrasts each sample with the rest of its micro-batch (SimCLR, JigClu): gradient
+    # accumulation scales the lr for the accumulated batch but gives the loss no more negatives,
+    # which users reaching for a large contrastive batch are told at start (one warning line)
+    in_batch_negatives: bool = False
 
     def __init__(self, cfg, backbone: nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
         self._host_counts: dict[str, int] = {}
+        accum = OmegaConf.select(cfg, "train.grad_accum", default=1) if OmegaConf.is_config(cfg) else 1
+        if self.in_batch_negatives and accum > 1 and (not dist.is_initialized() or dist.get_rank() == 0):
+            print(f"selfsup-train: warning: train.grad_accum={accum}: the lr follows the accumulated "
+                  f"batch, but each micro-batch's {self.name} loss contrasts only its own samples "
+                  "(accumulation does not enlarge the set of negatives)", file=sys.stderr, flush=True)
 
     def register_counter(self, name: str) -> None:
         """A call counter that checkpoints carry (a 0-d long buffer ``name``, so that a resumed
@@ -117,6 +129,14 @@ class Objective(nn.Module):
     def momentum(self, progress: float) -> float | None:
         """EMA momentum at ``progress`` in [0, 1] of training; None when there is no EMA."""
         return None
+
+
+def full_precision(t: torch.Tensor):
+    """A region that autocast leaves alone, for a loss: the trainer runs the whole objective under
+    bf16 autocast on GPUs, and casting inputs to fp32 does not keep autocast from running the
+    matmuls inside in bf16 (cosines near 1 at τ = 0.1–0.2 carry ~1 % error there). Inputs must be
+    cast to fp32 inside it."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 def register(name: str) -> Callable[[type[Objective]], type[Objective]]:

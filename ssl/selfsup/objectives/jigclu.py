@@ -47,7 +47,7 @@ from selfsup.augment import BatchAugment
 from selfsup.views import ViewSpec
 from selfsup.errors import RecipeError
 from selfsup.losses import gather_cat
-from selfsup.objectives.base import Objective, register
+from selfsup.objectives.base import Objective, full_precision, register
 
 
 def montage(g: torch.Tensor, n: int) -> torch.Tensor:
@@ -131,6 +131,7 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float, ancho
 @register("jigclu")
 class JigClu(Objective):
     backbone_entry = "forward_features"  # tiles are cut from the feature map
+    in_batch_negatives = True  # SupCon over the micro-batch's tiles
 
     @dataclass
     class Config:
@@ -214,14 +215,15 @@ class JigClu(Objective):
         oc = self.cfg.objective
         feats, perm, mine = self.tiles(p)
         n = len(perm) // 4
-        feats = feats.to(torch.promote_types(feats.dtype, torch.float32))
-        # the head runs on local rows, then the embeddings are gathered (as SimCLR's are): the
-        # gradient of the global loss then reaches each process's backbone through DDP as is
-        z = self.gather_rows(F.normalize(self.clu_head(feats), dim=1))
-        clu_label, loc_label = perm % n, perm // n
-        loss_clu = supcon_loss(z, clu_label, oc.temperature, mine) * (oc.temperature / oc.base_temperature)
-        loc_logits = self.loc_head(feats)
-        loss_loc = F.cross_entropy(loc_logits, loc_label[mine])
+        with full_precision(feats):  # heads and losses in fp32, as upstream, under bf16 autocast
+            feats = feats.to(torch.promote_types(feats.dtype, torch.float32))
+            # the head runs on local rows, then the embeddings are gathered (as SimCLR's are): the
+            # gradient of the global loss then reaches each process's backbone through DDP as is
+            z = self.gather_rows(F.normalize(self.clu_head(feats), dim=1))
+            clu_label, loc_label = perm % n, perm // n
+            loss_clu = supcon_loss(z, clu_label, oc.temperature, mine) * (oc.temperature / oc.base_temperature)
+            loc_logits = self.loc_head(feats)
+            loss_loc = F.cross_entropy(loc_logits, loc_label[mine])
         with torch.no_grad():
             loc_acc = (loc_logits.argmax(1) == loc_label[mine]).float().mean()
         return oc.w_clu * loss_clu + oc.w_loc * loss_loc, {"loss_clu": loss_clu.detach(),

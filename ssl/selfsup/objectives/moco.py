@@ -52,7 +52,7 @@ from lightly.utils import dist
 from selfsup.augment import BatchAugment
 from selfsup.errors import RecipeError
 from selfsup.losses import check_loss, contrastive_logits_loss, gather_cat
-from selfsup.objectives.base import Objective, register
+from selfsup.objectives.base import Objective, full_precision, register
 from selfsup.objectives.hallucinator import Hallucinator, HallucinatorConfig, check_hallucinator
 from selfsup.objectives.mixing import HardNegativeMixer, MochiConfig, check_mochi, same_class_share
 from selfsup.objectives.shuffle_bn import has_batchnorm, shuffled_keys, split_batchnorm
@@ -207,7 +207,7 @@ class MoCo(Objective):
         labels = labels if self._label_hard else None
         q = self.head(self.backbone(v0))
         k = self.keys(v1, generator)
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        with full_precision(q):
             q = q.to(torch.promote_types(q.dtype, torch.float32))
             k = k.to(q.dtype)
             queries, keys, metrics = q, k, {}

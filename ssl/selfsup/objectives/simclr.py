@@ -6,8 +6,10 @@ one 512-image batch and receive the gradient of the global loss (the DDP-average
 the single-process gradient of the same global batch; tested in ``tests/test_distributed.py``).
 
 Conventions (see docs/methods.md §1): embeddings are L2-normalised inside the loss; the two
-directions are averaged (lightly), not summed (raminnakhli's reference, which doubles the
-effective lr); DCLW's weights are detached and use the *local* batch size N when gathering.
+directions are averaged (lightly), not summed (raminnakhli's reference and Google's SimCLR, which
+double the gradient: the same as twice the lr under plain SGD, little change under Adam or LARS);
+DCLW's weights are detached and use the *local* batch size N when gathering. The loss runs with
+autocast off (:func:`selfsup.objectives.base.full_precision`).
 
 MoCHi (``objective.mochi``) and the Hallucinator (``objective.hallucinator``) need per-anchor extra
 negatives and same-instance masks, which lightly's losses cannot take; when either is on, the same
@@ -31,7 +33,7 @@ from lightly.utils import dist
 from selfsup.augment import BatchAugment
 from selfsup.errors import RecipeError
 from selfsup.losses import check_loss, contrastive_logits_loss, pair_similarities
-from selfsup.objectives.base import Objective, register
+from selfsup.objectives.base import Objective, full_precision, register
 from selfsup.objectives.hallucinator import Hallucinator, HallucinatorConfig, check_hallucinator
 from selfsup.objectives.mixing import HardNegativeMixer, MochiConfig, check_mochi
 
@@ -63,6 +65,8 @@ def contrastive_loss(z0: torch.Tensor, z1: torch.Tensor, loss: str = "dcl",
 
 @register("simclr")
 class SimCLR(Objective):
+    in_batch_negatives = True  # negatives: the rest of the (gathered) micro-batch
+
     @dataclass
     class Config:
         name: str = "simclr"
@@ -99,12 +103,13 @@ class SimCLR(Objective):
         """Loss of two augmented view batches: one backbone pass over both views."""
         oc = self.cfg.objective
         z = self.embed(torch.cat([v0, v1]))
-        z0, z1 = z.to(torch.promote_types(z.dtype, torch.float32)).chunk(2)  # loss in >= fp32
         metrics = {}
-        if self.hallucinator is None and not self.mixer.active(epoch):
-            loss = contrastive_loss(z0, z1, oc.loss, oc.temperature, oc.sigma, gather_distributed=True)
-        else:
-            loss = self.composed_loss(z0, z1, generator, epoch, metrics)
+        with full_precision(z):  # the loss in >= fp32 under the trainer's bf16 autocast
+            z0, z1 = z.to(torch.promote_types(z.dtype, torch.float32)).chunk(2)
+            if self.hallucinator is None and not self.mixer.active(epoch):
+                loss = contrastive_loss(z0, z1, oc.loss, oc.temperature, oc.sigma, gather_distributed=True)
+            else:
+                loss = self.composed_loss(z0, z1, generator, epoch, metrics)
         with torch.no_grad():
             n0, n1 = torch.nn.functional.normalize(z0, dim=1), torch.nn.functional.normalize(z1, dim=1)
             metrics.update(pos_sim=(n0 * n1).sum(1).mean(), z_std=n0.std(0).mean())
