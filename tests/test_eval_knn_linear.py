@@ -158,3 +158,17 @@ def test_the_penalty_sweep_never_sees_a_held_out_label(problem, monkeypatch):
     assert not torch.allclose(full_a[rest], full_b[rest])  # the final fit does use every label
     ref = knn_loss_weights(xtr[rest], ytr[rest], rec["k"], rec["temperature"], 0.5, int(ytr.max() + 1))
     torch.testing.assert_close(sweep_a[rest], ref)
+
+
+def test_fit_probe_sweeps_with_the_sweep_weights(problem):
+    """The penalty sweep (and the held-out logits k-NN ⊕ linear tunes λ on) use ``sweep_weight``
+    where given: the same as a probe whose only weights they are."""
+    xtr, ytr, xva, yva = problem
+    g = torch.Generator().manual_seed(5)
+    a, b = 1 + 3 * torch.rand(len(xtr), generator=g), 1 + 3 * torch.rand(len(xtr), generator=g)
+    hold = torch.arange(0, len(xtr), 5)
+    split = fit_probe(xtr, ytr, xva, yva, hold=hold, sample_weight=b, sweep_weight=a)
+    only_a = fit_probe(xtr, ytr, xva, yva, hold=hold, sample_weight=a)
+    only_b = fit_probe(xtr, ytr, xva, yva, hold=hold, sample_weight=b)
+    torch.testing.assert_close(split.hold_logits, only_a.hold_logits)
+    assert not torch.allclose(split.hold_logits, only_b.hold_logits)

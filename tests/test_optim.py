@@ -60,16 +60,26 @@ def test_timms_defaults_stay_where_they_are_the_methods():
     assert not all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(ours, theirs))
 
 
-def test_the_decay_switch_keeps_the_optimizer_state_layout():
-    """Both settings build the same parameter groups, so a checkpoint's optimizer state loads
-    either way (a resume after the recipe gained the key)."""
+def test_a_resume_keeps_the_checkpoints_state_but_the_recipes_settings():
+    """torch's load_state_dict brings back each group's settings as saved: a MoCo run started
+    with timm's Nesterov SGD and bias/norm exemption, resumed under the recipe that now says
+    otherwise, kept them. Both settings build the same groups, so the state loads; the trainer
+    then re-applies the recipe's settings."""
+    from selfsup.optim import reapply_hyperparameters, recipe_hyperparameters
+
     net = small_net()
     net(torch.zeros(1, 3, 6, 6))
-    a, _ = built(net, "moco.yaml")
-    b, _ = built(net, "moco.yaml", "optim.decay_bias_and_norm=false")
-    steps(net, a, 1)
-    b.load_state_dict(a.state_dict())
-    assert [len(g["params"]) for g in a.param_groups] == [len(g["params"]) for g in b.param_groups]
+    old, _ = built(net, "moco.yaml", "optim.nesterov=null", "optim.decay_bias_and_norm=false")
+    steps(net, old, 2)
+    new, o = built(net, "moco.yaml")
+    wanted = recipe_hyperparameters(new)
+    new.load_state_dict(old.state_dict())
+    assert any(g["nesterov"] for g in new.param_groups)  # what torch alone leaves
+    reapply_hyperparameters(new, wanted)
+    assert not any(g["nesterov"] for g in new.param_groups)
+    assert all(g["weight_decay"] == g["initial_weight_decay"] == o.weight_decay for g in new.param_groups)
+    for p in net.parameters():  # the momentum buffers are the checkpoint's
+        torch.testing.assert_close(new.state[p]["momentum_buffer"], old.state[p]["momentum_buffer"])
 
 
 def test_nesterov_is_left_to_optimizers_that_have_it():
@@ -77,3 +87,11 @@ def test_nesterov_is_left_to_optimizers_that_have_it():
     net(torch.zeros(1, 3, 6, 6))
     optimizer, _ = built(net, "moco.yaml", "optim.name=adamw")  # moco.yaml's nesterov: false ignored
     assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def test_the_nesterov_switch_reaches_every_optimizer_that_has_one():
+    net = small_net()
+    net(torch.zeros(1, 3, 6, 6))
+    for name in ("sgd", "momentum", "lars", "sgdw"):
+        optimizer, _ = built(net, "moco.yaml", f"optim.name={name}", "optim.nesterov=true")
+        assert all(g["nesterov"] for g in optimizer.param_groups), name

@@ -14,10 +14,11 @@ Two of timm's choices are not every method's: its ``sgd`` is Nesterov SGD (``mom
 classical one), and it exempts biases and norm parameters (every 1-D tensor) from weight decay.
 SimCLR's LARS and I-JEPA's AdamW exempt them too; MoCo v2's and JigClu's official
 ``torch.optim.SGD(model.parameters(), ...)`` decays everything with classical momentum. The recipe
-keys ``optim.nesterov`` (None: the optimizer's own default; ignored by optimizers without the
-switch, so ``optim.name=adamw`` over moco.yaml just works) and ``optim.decay_bias_and_norm`` say
-which. The latter keeps timm's two parameter groups and gives the second the same decay, so a
-checkpoint's optimizer state has the same layout either way.
+keys ``optim.nesterov`` (None: the optimizer's own default; ignored by optimizers whose class has
+no such argument, so ``optim.name=adamw`` over moco.yaml works) and ``optim.decay_bias_and_norm``
+(any optimizer; it carries over an ``optim.name`` override) say which. The latter keeps timm's
+two parameter groups and gives the second the same decay, so a checkpoint's optimizer state has
+the same layout either way, and a resume re-applies the recipe's settings to the loaded groups.
 """
 
 from __future__ import annotations
@@ -28,16 +29,16 @@ import torch
 from timm.optim import create_optimizer_v2, get_optimizer_class
 
 MOMENTUM_OPTIMIZERS = ("sgd", "momentum", "lars", "nesterov")
-NESTEROV_SWITCH = ("sgd", "momentum", "lars")  # timm's optimizers with a nesterov argument
+# param-group entries a checkpoint does not decide: lr follows the scheduler, params the model
+NOT_HYPERPARAMETERS = ("params", "param_names", "lr", "initial_lr")
 
 
 def update_kwargs(name: str, device: torch.device) -> dict:
     """``{"fused": True}`` where the optimizer class has a fused kernel for ``device`` (CUDA),
     else ``{"foreach": True}`` where it has a multi-tensor path, else nothing."""
-    accepted = inspect.signature(get_optimizer_class(name, bind_defaults=False).__init__).parameters
-    if torch.device(device).type == "cuda" and "fused" in accepted:
+    if torch.device(device).type == "cuda" and _takes(name, "fused"):
         return {"fused": True}
-    if "foreach" in accepted:
+    if _takes(name, "foreach"):
         return {"foreach": True}
     return {}
 
@@ -45,12 +46,33 @@ def update_kwargs(name: str, device: torch.device) -> dict:
 def create_optimizer(model: torch.nn.Module, optim_cfg, lr: float, device) -> torch.optim.Optimizer:
     """The recipe's ``optim`` section for ``model``'s parameters on ``device`` (timm's names)."""
     kwargs = {"momentum": optim_cfg.momentum} if optim_cfg.name in MOMENTUM_OPTIMIZERS else {}
-    if getattr(optim_cfg, "nesterov", None) is not None and optim_cfg.name in NESTEROV_SWITCH:
+    if getattr(optim_cfg, "nesterov", None) is not None and _takes(optim_cfg.name, "nesterov"):
         kwargs["nesterov"] = bool(optim_cfg.nesterov)
     kwargs.update(update_kwargs(optim_cfg.name, device))
     optimizer = create_optimizer_v2(model, opt=optim_cfg.name, lr=lr, weight_decay=optim_cfg.weight_decay,
                                     **kwargs)
-    if getattr(optim_cfg, "decay_bias_and_norm", False):
-        for group in optimizer.param_groups:
+    for group in optimizer.param_groups:
+        if getattr(optim_cfg, "decay_bias_and_norm", False):
             group["weight_decay"] = optim_cfg.weight_decay
+        group["initial_weight_decay"] = group["weight_decay"]  # the weight-decay schedule's base
     return optimizer
+
+
+def _takes(name: str, argument: str) -> bool:
+    return argument in inspect.signature(get_optimizer_class(name, bind_defaults=False).__init__).parameters
+
+
+def recipe_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's settings as the recipe built them (momentum, nesterov, weight decay
+    and its schedule's base, fused/foreach, ...), for :func:`reapply_hyperparameters`."""
+    return [{k: v for k, v in g.items() if k not in NOT_HYPERPARAMETERS} for g in optimizer.param_groups]
+
+
+def reapply_hyperparameters(optimizer: torch.optim.Optimizer, groups: list[dict]) -> None:
+    """After a resume: torch's ``load_state_dict`` brings back each group's settings as saved,
+    so a run resumed with ``optim.momentum``/``nesterov``/``decay_bias_and_norm`` changed (on
+    purpose, or by a recipe that gained the keys), or on another device (``foreach`` on a CPU,
+    ``fused`` on a GPU), silently kept the checkpoint's. The recipe's win; the state (momentum
+    buffers, Adam moments, step counts) is the checkpoint's."""
+    for group, want in zip(optimizer.param_groups, groups, strict=True):
+        group.update(want)

@@ -6,9 +6,9 @@
   renamed ``.damaged-step-N`` (kept for inspection): left as ``step-N`` they would count towards
   ``checkpoint.keep``, and with ``keep: 1`` the next checkpoint written before step N (a
   preemption's) was deleted at once in their favour, leaving nothing that loads. An explicit
-  ``resume=PATH`` is never swapped for another: a damaged one is an error. The same holds with
-  accepted recipe changes (``--accept-changes``); only when no checkpoint loads does the error
-  blame the changes (their tensors do not fit) rather than damage.
+  ``resume=PATH`` is never swapped for another: a damaged one is an error. With accepted recipe
+  changes (``--accept-changes``) ``resume=auto`` falls back past damage in the same way; only
+  when no checkpoint loads does the error blame the changes (their tensors do not fit).
 * An explicit ``resume=PATH`` to a step before the run's newest checkpoint starts a new history
   from there: the run directory's later checkpoints are renamed ``.abandoned-step-N``. Left in
   place, the next ``resume=auto`` (a requeue after preemption) would go back to the old history's

@@ -34,7 +34,7 @@ from selfsup.logs import MetricsLog
 from selfsup.models import create_backbone
 from selfsup.monitor import Monitor
 from selfsup.objectives import build_objective
-from selfsup.optim import create_optimizer
+from selfsup.optim import create_optimizer, reapply_hyperparameters, recipe_hyperparameters
 from selfsup.schedules import EMA, lr_scheduler, scaled_lr, set_weight_decay
 from selfsup.stopping import REQUEUE_EXIT_CODE, Preempted, StopSignals
 from selfsup_io.progress import Progress
@@ -122,6 +122,7 @@ class Trainer:
         oc = cfg.optim
         lr = scaled_lr(oc.lr, self.global_batch, oc.lr_scaling)
         optimizer = create_optimizer(objective, oc, lr, acc.device)  # fused/foreach updates
+        self.optim_hyper = recipe_hyperparameters(optimizer)  # what a resume must not undo
         warmup = round(oc.warmup_epochs * steps_per_epoch)
         self.scheduler = lr_scheduler(optimizer, self.total_steps, warmup, oc.warmup_lr, oc.min_lr)
         self.model, self.optimizer = acc.prepare(objective, optimizer)
@@ -138,7 +139,8 @@ class Trainer:
     def resume(self) -> None:
         """Newest loadable checkpoint (damaged ones named and skipped), recipe compared with
         the checkpoint's first: :mod:`selfsup.resume`."""
-        resuming.resume(self)
+        if resuming.resume(self) is not None:  # the groups' settings are the recipe's, not the checkpoint's
+            reapply_hyperparameters(self.optimizer, self.optim_hyper)
 
     def save(self) -> Path:
         self._check_weights()

@@ -62,9 +62,9 @@ class Objective(nn.Module):
         self._host_counts: dict[str, int] = {}
         accum = OmegaConf.select(cfg, "train.grad_accum", default=1) if OmegaConf.is_config(cfg) else 1
         if self.in_batch_negatives and accum > 1 and (not dist.is_initialized() or dist.get_rank() == 0):
-            print(f"selfsup-train: warning: train.grad_accum={accum}: the lr follows the accumulated "
-                  f"batch, but each micro-batch's {self.name} loss contrasts only its own samples "
-                  "(accumulation does not enlarge the set of negatives)", file=sys.stderr, flush=True)
+            print(f"selfsup-train: warning: train.grad_accum={accum}: each micro-batch's {self.name} "
+                  "loss contrasts only its own samples (accumulation enlarges the batch each step "
+                  "averages over, but does not enlarge the set of negatives)", file=sys.stderr, flush=True)
 
     def register_counter(self, name: str) -> None:
         """A call counter that checkpoints carry (a 0-d long buffer ``name``, so that a resumed
