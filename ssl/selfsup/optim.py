@@ -29,8 +29,11 @@ import torch
 from timm.optim import create_optimizer_v2, get_optimizer_class
 
 MOMENTUM_OPTIMIZERS = ("sgd", "momentum", "lars", "nesterov")
-# param-group entries a checkpoint does not decide: lr follows the scheduler, params the model
-NOT_HYPERPARAMETERS = ("params", "param_names", "lr", "initial_lr")
+# param-group entries a resume leaves as loaded: lr follows the scheduler, params the model, and
+# the update's implementation flags decided how torch placed the loaded state (a fused Adam's
+# step counts on the device, a foreach one's on the host): switching them under it breaks the step
+NOT_HYPERPARAMETERS = ("params", "param_names", "lr", "initial_lr", "fused", "foreach", "capturable",
+                       "differentiable")
 
 
 def update_kwargs(name: str, device: torch.device) -> dict:
@@ -63,16 +66,15 @@ def _takes(name: str, argument: str) -> bool:
 
 
 def recipe_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
-    """Each param group's settings as the recipe built them (momentum, nesterov, weight decay
-    and its schedule's base, fused/foreach, ...), for :func:`reapply_hyperparameters`."""
+    """Each param group's settings as the recipe built them (momentum, nesterov, betas, weight
+    decay and its schedule's base, ...), for :func:`reapply_hyperparameters`."""
     return [{k: v for k, v in g.items() if k not in NOT_HYPERPARAMETERS} for g in optimizer.param_groups]
 
 
 def reapply_hyperparameters(optimizer: torch.optim.Optimizer, groups: list[dict]) -> None:
     """After a resume: torch's ``load_state_dict`` brings back each group's settings as saved,
     so a run resumed with ``optim.momentum``/``nesterov``/``decay_bias_and_norm`` changed (on
-    purpose, or by a recipe that gained the keys), or on another device (``foreach`` on a CPU,
-    ``fused`` on a GPU), silently kept the checkpoint's. The recipe's win; the state (momentum
-    buffers, Adam moments, step counts) is the checkpoint's."""
+    purpose, or by a recipe that gained the keys) silently kept the checkpoint's. The recipe's
+    win; the state (momentum buffers, Adam moments, step counts) is the checkpoint's."""
     for group, want in zip(optimizer.param_groups, groups, strict=True):
         group.update(want)
