@@ -66,6 +66,7 @@ TRAIN, VAL = "data/fashion-mnist/train-{000000..000003}.tar", "data/fashion-mnis
 
 # the make-demo backbone and optimiser, shared by every contrastive run
 RESNET = ["model.name=resnet10t", "model.small_stem=false", "model.channels_last=false",
+          "model.zero_init_last=null",  # timm's init, as the demo (moco.yaml: torchvision's)
           "augment.size=28", "augment.scale=[0.5,1.0]",
           "optim.name=adamw", "optim.lr=2e-3", "optim.weight_decay=1e-4", "optim.momentum=0.9",
           "optim.decay_bias_and_norm=false",  # as the demo: moco.yaml's official SGD decays all

@@ -1,6 +1,7 @@
-"""The recipe's optimizer against what each method's official code builds: MoCo v2's and JigClu's
-``torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=1e-4)`` (classical momentum,
-every parameter decayed), while the other recipes keep timm's exemption of biases and norms."""
+"""The recipe's optimizer and initial weights against what each method's official code builds:
+MoCo v2's and JigClu's ``torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=1e-4)``
+(classical momentum, every parameter decayed) on a torchvision-initialised ResNet, while the other
+recipes keep timm's exemption of biases and norms and its zero-initialised last norms."""
 
 import copy
 
@@ -95,3 +96,31 @@ def test_the_nesterov_switch_reaches_every_optimizer_that_has_one():
     for name in ("sgd", "momentum", "lars", "sgdw"):
         optimizer, _ = built(net, "moco.yaml", f"optim.name={name}", "optim.nesterov=true")
         assert all(g["nesterov"] for g in optimizer.param_groups), name
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet10t", "regnetx_002", "resnest14d"])
+def test_zero_init_last_false_starts_every_norm_at_one_as_torchvision(name):
+    """timm zeroes each residual block's last norm weight; MoCo v2's and JigClu's official
+    (torchvision) ResNets do not. With model.zero_init_last=false no norm weight starts at zero,
+    and nothing else changes."""
+    from selfsup.models import create_backbone
+
+    def norms(model):
+        return {f"{name}.weight": m.weight.detach() for name, m in model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._NormBase) and m.weight is not None}
+
+    torch.manual_seed(0)
+    timm_init = create_backbone(name)
+    torch.manual_seed(0)
+    theirs = create_backbone(name, zero_init_last=False)
+    zeroed = [k for k, v in norms(timm_init).items() if not v.any()]
+    assert zeroed  # timm's default did zero some
+    assert all(v.any() and torch.equal(v, torch.ones_like(v)) for v in norms(theirs).values())
+    a, b = timm_init.state_dict(), theirs.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in zeroed)  # the same draw otherwise
+
+
+def test_moco_and_jigclu_recipes_use_torchvisions_init_and_the_bench_timms():
+    for recipe in ("moco.yaml", "jigclu.yaml", "mochi.yaml"):
+        assert load_recipe(str(ROOT / "recipes" / recipe)).model.zero_init_last is False
+    assert load_recipe(str(ROOT / "recipes" / "jigclu_small.yaml")).model.zero_init_last is None

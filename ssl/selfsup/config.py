@@ -72,6 +72,7 @@ class ModelConfig:
     name: str = "resnet18"  # any timm model name
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     small_stem: bool = False  # 3x3 stride-1 conv1, no max-pool (28-64 px inputs)
+    zero_init_last: Optional[bool] = None  # false: residual blocks' last norm starts at 1 (torchvision's default)
     channels_last: bool = False
     compile: bool = False
 

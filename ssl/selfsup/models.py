@@ -28,8 +28,32 @@ def apply_small_stem(model: nn.Module) -> nn.Module:
     return model
 
 
-def create_backbone(name: str, kwargs: dict | None = None, small_stem: bool = False) -> nn.Module:
-    """A timm model without classifier (``num_classes=0``): ``model(x)`` gives pooled features."""
+def keep_last_norms(model: nn.Module) -> int:
+    """Undo timm's ``zero_init_last`` on a freshly initialised model: the norm weights its residual
+    blocks set to zero (a fresh norm's weight is one) become one again, as torchvision's default
+    ``zero_init_residual=False`` leaves them (the ResNets of MoCo v2's and JigClu's official code).
+    Done after creation, so it applies to every timm family with the switch (ResNet, ResNeSt,
+    RegNet, CSPNet, ...) and to none without it, whose constructors would refuse the kwarg.
+    Returns how many norms were reset."""
+    reset = 0
+    for block in model.modules():
+        if not callable(getattr(block, "zero_init_last", None)):
+            continue
+        for m in block.modules():
+            w = getattr(m, "weight", None)
+            if (isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+                    and w is not None and not w.any()):
+                with torch.no_grad():
+                    w.fill_(1.0)
+                reset += 1
+    return reset
+
+
+def create_backbone(name: str, kwargs: dict | None = None, small_stem: bool = False,
+                    zero_init_last: bool | None = None) -> nn.Module:
+    """A timm model without classifier (``num_classes=0``): ``model(x)`` gives pooled features.
+    ``zero_init_last=False``: residual blocks start with their last norm's weight at one, not
+    zero (:func:`keep_last_norms`); None or True: timm's default."""
     kwargs = {**(kwargs or {}), "num_classes": 0}
     if not timm.is_model(name):
         raise ModelError(f"model.name: unknown timm model {name!r} (see timm.list_models())")
@@ -39,6 +63,8 @@ def create_backbone(name: str, kwargs: dict | None = None, small_stem: bool = Fa
         raise ModelError(f"model.kwargs not accepted by timm model {name!r}: {e}") from None
     if small_stem:
         apply_small_stem(model)
+    if zero_init_last is False:
+        keep_last_norms(model)
     return model
 
 

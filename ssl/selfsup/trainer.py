@@ -79,7 +79,7 @@ def build_model(cfg, acc: Accelerator):
     ``torch.compile`` and (several GPUs, BatchNorm) SyncBatchNorm: one place for the trainer and
     ``bench/gpu.py``, so that a benchmark measures exactly the module a run trains."""
     backbone = create_backbone(cfg.model.name, OmegaConf.to_container(cfg.model.kwargs),
-                               cfg.model.small_stem)
+                               cfg.model.small_stem, cfg.model.zero_init_last)
     objective = build_objective(cfg, backbone)
     if cfg.model.channels_last:
         objective = objective.to(memory_format=torch.channels_last)
