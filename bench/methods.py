@@ -64,6 +64,10 @@ DATA = ["recipes/data/fashion_mnist.yaml"]
 # minutes on a CPU (4 for the ViT); the raw-pixel baseline uses the same subset
 TRAIN, VAL = "data/fashion-mnist/train-{000000..000003}.tar", "data/fashion-mnist/test-000000.tar"
 
+# every row: the lr schedule every table in RESULTS.md was measured with until 2026-12-02 (one
+# cosine over the whole run; the trainer's default is now the official warm-up, then cosine), so
+# that new seeds extend those tables; drop it to start a fresh table
+SCHEDULE = ["optim.cosine_after_warmup=false"]
 # the make-demo backbone and optimiser, shared by every contrastive run
 RESNET = ["model.name=resnet10t", "model.small_stem=false", "model.channels_last=false",
           "model.zero_init_last=null",  # timm's init, as the demo (moco.yaml: torchvision's)
@@ -122,7 +126,7 @@ def backbone(name: str) -> str:
 def run_one(name: str, seed: int, images: int, batch: int, train: str, val: str, precision: str) -> dict:
     source, extra = DERIVED.get(name, (name, []))
     recipes, overrides = OBJECTIVES[source]
-    overrides = [*overrides, *extra]
+    overrides = [*SCHEDULE, *overrides, *extra]
     run_dir = ROOT / "runs" / "bench-methods" / f"{name}-b{batch}-s{seed}"
     steps = max(1, images // batch)
     data = [] if recipes[0] in OWN_BACKBONE else DATA

@@ -89,6 +89,7 @@ class OptimConfig:
     decay_bias_and_norm: bool = False  # weight decay on biases and norms too (MoCo v2's, JigClu's SGD)
     warmup_epochs: float = 0.0
     warmup_lr: float = 0.0  # absolute, as min_lr: only lr follows the global batch
+    cosine_after_warmup: bool = True  # false: one cosine over the whole run (selfsup before 2026-12-02)
     min_lr: float = 0.0
     clip_grad: Optional[float] = None
 

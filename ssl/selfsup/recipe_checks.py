@@ -118,6 +118,21 @@ def problems(cfg) -> list[str]:
     return out
 
 
+def warmup_notes(optim, global_batch: int) -> list[str]:
+    """Warnings (not errors) about the lr schedule at this global batch: ``warmup_lr`` and
+    ``min_lr`` are absolute while ``lr`` follows the batch, so a recipe written for a large batch
+    (ijepa_vit_base.yaml: 2e-4 → 1e-3 at 2048) can start its warm-up above the peak on fewer
+    processes, and the "warm-up" then runs downwards."""
+    from selfsup.schedules import scaled_lr
+
+    peak = scaled_lr(optim.lr, global_batch, optim.lr_scaling)
+    if optim.warmup_epochs > 0 and optim.warmup_lr > peak:
+        return [f"optim.warmup_lr={optim.warmup_lr:g} is above the peak lr {peak:.3g} at global batch "
+                f"{global_batch} (optim.lr={optim.lr:g} scaled {optim.lr_scaling}): the warm-up would "
+                f"run downwards; set optim.warmup_lr to a fraction of the peak (e.g. {peak / 5:.3g})"]
+    return []
+
+
 def check_values(cfg) -> None:
     """Raise :class:`selfsup.config.RecipeError` naming the first bad value (and how many more)."""
     from selfsup.errors import RecipeError

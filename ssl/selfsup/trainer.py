@@ -35,6 +35,7 @@ from selfsup.models import create_backbone
 from selfsup.monitor import Monitor
 from selfsup.objectives import build_objective
 from selfsup.optim import create_optimizer, reapply_hyperparameters, recipe_hyperparameters
+from selfsup.recipe_checks import warmup_notes
 from selfsup.schedules import EMA, lr_scheduler, scaled_lr, set_weight_decay
 from selfsup.stopping import REQUEUE_EXIT_CODE, Preempted, StopSignals
 from selfsup_io.progress import Progress
@@ -121,10 +122,13 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * steps_per_epoch))
         oc = cfg.optim
         lr = scaled_lr(oc.lr, self.global_batch, oc.lr_scaling)
+        for note in warmup_notes(oc, self.global_batch) if acc.is_main_process else []:
+            print(f"selfsup-train: warning: {note}", file=sys.stderr, flush=True)
         optimizer = create_optimizer(objective, oc, lr, acc.device)  # fused/foreach updates
         self.optim_hyper = recipe_hyperparameters(optimizer)  # what a resume must not undo
         warmup = round(oc.warmup_epochs * steps_per_epoch)
-        self.scheduler = lr_scheduler(optimizer, self.total_steps, warmup, oc.warmup_lr, oc.min_lr)
+        self.scheduler = lr_scheduler(optimizer, self.total_steps, warmup, oc.warmup_lr, oc.min_lr,
+                                      oc.cosine_after_warmup)
         self.model, self.optimizer = acc.prepare(objective, optimizer)
         self.objective = acc.unwrap_model(self.model)
         self.ema = EMA(self.objective.momentum_pairs())  # on the device: gathered once
