@@ -105,6 +105,8 @@ OBJECTIVES = {
     # I-JEPA init ablations (RESULTS.md: what is behind I-JEPA's drop since the pre-#15 rows)
     "ijepa_rescale": (["recipes/ijepa_vit_tiny.yaml"], ["objective.rescale_init=true"]),
     "ijepa_fan_in": (["recipes/ijepa_vit_tiny.yaml"], ["objective.patch_embed_init=fan_in"]),
+    # the trainer's default schedule since 2026-12-02 (SCHEDULE pins the earlier one on every row)
+    "moco_after_warmup": (["recipes/moco.yaml"], RESNET + HEAD + MOCO + ["optim.cosine_after_warmup=true"]),
 }
 # rows that evaluate another export of a row's training: that run's directory is copied and its
 # final checkpoint resumed with the overrides (--accept-changes), so the two rows differ in nothing
@@ -205,7 +207,8 @@ PAIRS = [("moco", "moco_plainbn", "shuffle/split-BN on MoCo (moco.yaml: 8 groups
          ("mochi", "moco", "MoCHi, mixing after the queue has filled, over MoCo"),
          ("mochi", "mochi_early", "MoCHi: mixing after minus before the queue has filled"),
          ("ijepa_fan_in", "ijepa", "I-JEPA: patch conv at the paper's output scale minus σ 0.02"),
-         ("ijepa_rescale", "ijepa", "I-JEPA: with minus without the √(2ℓ) rescaling")]
+         ("ijepa_rescale", "ijepa", "I-JEPA: with minus without the √(2ℓ) rescaling"),
+         ("moco_after_warmup", "moco", "lr: cosine after the warm-up (official) minus one cosine over the run")]
 
 
 def pairs_table(records: list[dict]) -> str:
