@@ -22,6 +22,7 @@ exceed that (docs/methods.md §2.5.1). With both off the lightly path below runs
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -38,6 +39,10 @@ from selfsup.objectives.hallucinator import Hallucinator, HallucinatorConfig, ch
 from selfsup.objectives.mixing import HardNegativeMixer, MochiConfig, check_mochi
 
 LOSSES = ("infonce", "dcl", "dclw")
+# lightly's DCLW builds its (detached) weights with torch.tensor(tensor), which warns once per
+# process about copy-construction; the value is right, so the warning only alarms users
+warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning,
+                        module=r"lightly\.loss\.dcl_loss")
 
 
 @lru_cache(maxsize=None)
