@@ -235,7 +235,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--objectives", nargs="+", default=DEFAULT, choices=[*OBJECTIVES, *DERIVED])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "methods")
-    p.add_argument("--no-raw", action="store_true", help="skip the raw-pixel baseline")
+    p.add_argument("--no-raw", action="store_true", help="do not compute the raw-pixel baseline (a cached one is kept)")
     p.add_argument("--eval-train", default=TRAIN, help="labelled shards the probes train on")
     p.add_argument("--eval-val", default=VAL, help="labelled shards the probes are scored on")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (e.g. 8-12 on one GPU)")
@@ -244,7 +244,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    raw = None if args.no_raw else raw_pixels(args.out, args.eval_train, args.eval_val)
+    cached = args.out / "raw-pixels.json"  # --no-raw skips computing it, not a row already there
+    raw = (json.loads(cached.read_text()) if cached.exists() else None) if args.no_raw else \
+        raw_pixels(args.out, args.eval_train, args.eval_val)
     images = max(1, args.images // args.batch_size) * args.batch_size
     todo = [(name, seed) for seed in args.seeds  # seed-major: a cut-short bench has every objective once
             for name in args.objectives
