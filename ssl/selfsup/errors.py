@@ -7,6 +7,14 @@ reads the objectives' registry, and the objectives must not import the recipe lo
 
 from __future__ import annotations
 
+import sys
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, as every part of selfsup-train reports what a user may want to
+    change but need not (the caller decides which process speaks)."""
+    print(f"selfsup-train: warning: {message}", file=sys.stderr, flush=True)
+
 
 class RecipeError(ValueError):
     """A recipe problem, reported to the user as one line."""

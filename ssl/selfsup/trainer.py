@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,6 +27,7 @@ from selfsup import checkpoint as ckpt
 from selfsup import resume as resuming
 from selfsup import rundir
 from selfsup.config import RecipeError
+from selfsup.errors import warn
 from selfsup.data import ShardLoader, check_corrupt
 from selfsup.hf_export import export_hf
 from selfsup.logs import MetricsLog
@@ -123,7 +123,7 @@ class Trainer:
         oc = cfg.optim
         lr = scaled_lr(oc.lr, self.global_batch, oc.lr_scaling)
         for note in warmup_notes(oc, self.global_batch) if acc.is_main_process else []:
-            print(f"selfsup-train: warning: {note}", file=sys.stderr, flush=True)
+            warn(note)
         optimizer = create_optimizer(objective, oc, lr, acc.device)  # fused/foreach updates
         self.optim_hyper = recipe_hyperparameters(optimizer)  # what a resume must not undo
         warmup = round(oc.warmup_epochs * steps_per_epoch)
@@ -278,7 +278,7 @@ class Trainer:
                 with self.stops.waiting_for_data():  # a stop now may end the run here
                     batch = next(data)
                 for event in batch.pop("events", ()):  # e.g. a shard shorter than its index says
-                    print(f"selfsup-train: warning: {event}", file=sys.stderr, flush=True)
+                    warn(event)
                 batch = self.loader.to_device(batch, device)  # data.decode=device: decodes there
                 window["wait"] += time.perf_counter() - t  # waiting for data, device decoding included
                 window["corrupt"] += batch.pop("corrupt")

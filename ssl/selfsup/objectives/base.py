@@ -9,7 +9,6 @@ method with thin subclasses, without the subclasses owning the training loop.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, is_dataclass
 from typing import Callable
 
@@ -18,7 +17,7 @@ from omegaconf import OmegaConf
 from torch import distributed as dist
 from torch import nn
 
-from selfsup.errors import RecipeError
+from selfsup.errors import RecipeError, warn
 from selfsup.views import ViewSpec
 
 _REGISTRY: dict[str, type["Objective"]] = {}
@@ -62,9 +61,9 @@ class Objective(nn.Module):
         self._host_counts: dict[str, int] = {}
         accum = OmegaConf.select(cfg, "train.grad_accum", default=1) if OmegaConf.is_config(cfg) else 1
         if self.in_batch_negatives and accum > 1 and (not dist.is_initialized() or dist.get_rank() == 0):
-            print(f"selfsup-train: warning: train.grad_accum={accum}: each micro-batch's {self.name} "
-                  "loss contrasts only its own samples (accumulation enlarges the batch each step "
-                  "averages over, but does not enlarge the set of negatives)", file=sys.stderr, flush=True)
+            warn(f"train.grad_accum={accum}: each micro-batch's {self.name} loss contrasts only its own "
+                 "samples (accumulation enlarges the batch each step averages over, but does not "
+                 "enlarge the set of negatives)")
 
     def register_counter(self, name: str) -> None:
         """A call counter that checkpoints carry (a 0-d long buffer ``name``, so that a resumed

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -50,7 +49,7 @@ from lightly.models.utils import deactivate_requires_grad
 from lightly.utils import dist
 
 from selfsup.augment import BatchAugment
-from selfsup.errors import RecipeError
+from selfsup.errors import RecipeError, warn
 from selfsup.losses import check_loss, contrastive_logits_loss, gather_cat
 from selfsup.objectives.base import Objective, full_precision, register
 from selfsup.objectives.hallucinator import Hallucinator, HallucinatorConfig, check_hallucinator
@@ -179,10 +178,9 @@ class MoCo(Objective):
         if at_start >= full or dist.rank() != 0:
             return
         need = f"; set objective.mochi.start_epoch >= {full * rate:.3g}" if rate else ""
-        print(f"selfsup-train: warning: MoCHi starts mixing after {at_start} steps (objective.mochi."
-              f"start_epoch={self.mixer.start_epoch:g}) but the {k}-key queue holds only real keys "
-              f"after {full} ({kps} keys a step): its first mixes are built from random "
-              f"vectors{need}", file=sys.stderr, flush=True)
+        warn(f"MoCHi starts mixing after {at_start} steps (objective.mochi.start_epoch="
+             f"{self.mixer.start_epoch:g}) but the {k}-key queue holds only real keys after {full} "
+             f"({kps} keys a step): its first mixes are built from random vectors{need}")
 
     # ------------------------------------------------------------------------------- loss ----
     @torch.no_grad()
