@@ -164,9 +164,12 @@ def run_one(name: str, seed: int, images: int, batch: int, train: str, val: str,
             "precision": precision, "device": DEVICE, "date": time.strftime("%Y-%m-%d")}
 
 
-def raw_pixels(out: Path, train: str, val: str) -> dict:
+def raw_pixels(out: Path, train: str, val: str, compute: bool = True) -> dict | None:
+    """The raw-pixel probes' row, cached in out; with compute=False only a cached row (or None)."""
     path = out / "raw-pixels.json"
     if not path.exists():
+        if not compute:
+            return None
         subprocess.run([*EVAL_CMD, "all", "raw-pixels", "--train", train, "--val", val,
                         "--k", "20", "--out", str(ROOT / "runs" / "bench-methods" / "raw-eval")],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -244,9 +247,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    cached = args.out / "raw-pixels.json"  # --no-raw skips computing it, not a row already there
-    raw = (json.loads(cached.read_text()) if cached.exists() else None) if args.no_raw else \
-        raw_pixels(args.out, args.eval_train, args.eval_val)
+    raw = raw_pixels(args.out, args.eval_train, args.eval_val, compute=not args.no_raw)
     images = max(1, args.images // args.batch_size) * args.batch_size
     todo = [(name, seed) for seed in args.seeds  # seed-major: a cut-short bench has every objective once
             for name in args.objectives

@@ -1,6 +1,8 @@
 """Contrastive losses against slow, explicit per-anchor loops of the papers' formulas."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +10,8 @@ import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 
 from selfsup.objectives.simclr import contrastive_loss
+
+from conftest import child_env
 
 
 def reference(z0, z1, loss, tau, sigma=0.5):
@@ -91,3 +95,15 @@ def test_unknown_loss_is_a_clear_error():
 
     with pytest.raises(RecipeError, match="objective.loss must be one of infonce, dcl, dclw"):
         contrastive_loss(torch.randn(2, 3), torch.randn(2, 3), loss="ntxent")
+
+
+def test_dclw_runs_without_lightlys_copy_construct_warning():
+    # lightly's DCLW builds its weights with torch.tensor(tensor), which warns on every fresh process;
+    # the value is right (test above), so selfsup filters that one message. A child process with
+    # UserWarnings as errors fails if the filter is gone (plain lightly DCLWLoss does fail there).
+    code = ("import torch\nfrom selfsup.objectives.simclr import contrastive_loss\n"
+            "print(contrastive_loss(torch.randn(4, 8), torch.randn(4, 8), loss='dclw').item())")
+    r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], env=child_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.strip()) > 0
