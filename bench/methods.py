@@ -20,12 +20,12 @@ Method fidelity (issue 15), each pair at the 4x budget of bench/RESULTS.md, 3 se
 directory (runs.jsonl there holds no pre-#15 rows under the same names):
 
     python bench/methods.py --images 120000 --seeds 0 1 2 --out bench/results/methods-fidelity-4x \
-        --parallel 2 --objectives ijepa moco moco_plainbn moco_halluc infonce_halluc \
+        --parallel 2 --objectives ijepa moco moco_plainbn moco_halluc moco_halluc_twice infonce_halluc \
                      infonce_halluc_masked mochi ijepa_context
 
 * shuffle/split-BN: ``moco`` (on, moco.yaml) vs ``moco_plainbn`` (off: one BN group, no shuffle);
-* the Hallucinator on MoCo (the paper's headline setting): ``moco_halluc`` vs ``moco``
-  (``moco_halluc_twice``: the authors' queue of duplicated keys);
+* the Hallucinator on MoCo (the paper's headline setting): ``moco_halluc_twice`` (published: the
+  authors' queue of duplicated keys) and ``moco_halluc`` (each key enqueued once) vs ``moco``;
 * the Hallucinator on SimCLR: ``infonce_halluc`` (published NT-Xent) vs ``infonce_halluc_masked``;
 * I-JEPA's export: ``ijepa`` (target/EMA encoder) vs ``ijepa_context`` (the context encoder of the
   same run: ijepa's final checkpoint resumed with ``objective.export=context``);
@@ -96,9 +96,11 @@ OBJECTIVES = {
     # issue 15's comparisons (the pairs are listed in the module docstring)
     "moco_plainbn": (["recipes/moco.yaml"], RESNET + HEAD + MOCO + [
         "objective.shuffle_bn=false", "objective.bn_splits=1"]),  # selfsup's MoCo before #15
-    "moco_halluc": (["recipes/moco_hallucinator.yaml"], RESNET + HEAD + MOCO + HALLUC),
+    # keys enqueued once (selfsup's variant, the default until 2026-12-02) / [k; k] (published)
+    "moco_halluc": (["recipes/moco_hallucinator.yaml"], RESNET + HEAD + MOCO + HALLUC + [
+        "objective.hallucinator.enqueue_twice=false"]),
     "moco_halluc_twice": (["recipes/moco_hallucinator.yaml"], RESNET + HEAD + MOCO + HALLUC + [
-        "objective.hallucinator.enqueue_twice=true"]),  # the authors' queue of [k; k]
+        "objective.hallucinator.enqueue_twice=true"]),
     "infonce_halluc_masked": (["recipes/simclr.yaml"], RESNET + HEAD + HALLUC + [
         "objective.hallucinator.mask_same_image=true"]),  # infonce_halluc's rows before #15
     "mochi_early": (["recipes/mochi.yaml"], RESNET + HEAD + MOCO + MOCHI + ["objective.mochi.start_epoch=0.05"]),
@@ -203,8 +205,9 @@ def table(records: list[dict], raw: dict | None) -> str:
 
 # issue 15's comparisons: (A, B, what A - B measures), paired by seed (the same data order)
 PAIRS = [("moco", "moco_plainbn", "shuffle/split-BN on MoCo (moco.yaml: 8 groups)"),
-         ("moco_halluc", "moco", "the Hallucinator on MoCo (the paper's headline setting)"),
-         ("moco_halluc_twice", "moco_halluc", "the authors' queue of duplicated keys"),
+         ("moco_halluc_twice", "moco", "the Hallucinator on MoCo as published (queue of [k; k])"),
+         ("moco_halluc", "moco", "the Hallucinator on MoCo, each key enqueued once"),
+         ("moco_halluc_twice", "moco_halluc", "the authors' queue of duplicated keys minus keys once"),
          ("infonce_halluc", "infonce_halluc_masked", "the Hallucinator on SimCLR: published minus masked loss"),
          ("ijepa", "ijepa_context", "I-JEPA: target (EMA) minus context encoder exported"),
          ("mochi", "moco", "MoCHi, mixing after the queue has filled, over MoCo"),

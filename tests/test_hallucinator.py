@@ -83,14 +83,16 @@ def test_the_batch_of_queries_doubles(monkeypatch, base, module, rows):
     assert seen == [((rows,), (rows, rows if module is simclr else 32))]
 
 
-def test_moco_enqueues_each_key_once():
-    obj = build(*MOCO_OBJ, *ON)
+@pytest.mark.parametrize("extra,copies", [([], 2), (["objective.hallucinator.enqueue_twice=false"], 1)])
+def test_moco_enqueues_the_published_duplicated_keys_by_default(extra, copies):
+    obj = build(*MOCO_OBJ, *ON, *extra)
     v0, v1 = views()
     old, keys = obj.queue.clone(), obj.keys(v1)
     obj({"views": [v0, v1]}, torch.Generator().manual_seed(0))
-    assert obj.queue_ptr.item() == 6  # not 12: the duplicated keys are not enqueued twice
-    torch.testing.assert_close(obj.queue[:6], keys, rtol=0, atol=1e-15)
-    assert torch.equal(obj.queue[6:], old[6:])
+    n = 6 * copies  # the authors' code enqueues [k; k]; enqueue_twice=false each key once
+    assert obj.queue_ptr.item() == n
+    torch.testing.assert_close(obj.queue[:n], keys.repeat(copies, 1), rtol=0, atol=1e-15)
+    assert torch.equal(obj.queue[n:], old[n:])
 
 
 def masked_loop(q, h, k, loss, tau=0.2):
@@ -179,7 +181,7 @@ def test_moco_variant_is_the_official_formula(twice):
     """The authors' models/moco.py with the generator on, written out: q raw from the query head,
     k normalised from the key encoder, [q; G(q, k, λ)] normalised, logits [q·k | q·queue]/T over
     the doubled batch with keys [k; k], cross-entropy with label 0. Their code enqueues [k; k]
-    (``enqueue_twice``); selfsup's default enqueues k once."""
+    (``enqueue_twice``, the default); ``false`` enqueues k once."""
     obj = build(*MOCO_OBJ, *ON, "objective.loss=infonce", f"objective.hallucinator.enqueue_twice={twice}")
     v0, v1 = views()
     queue = obj.queue.clone()

@@ -23,11 +23,11 @@ Variants (the official code's quirks, docs/methods.md §5.2; each switchable fro
   duplicate). ``mask_same_image: true`` is selfsup's earlier variant: every row carries its
   image's id and all entries of the same image leave the negatives, keeping only the designated
   positive (``selfsup.losses.pair_similarities``; docs/methods.md §5.5.4).
-* **MoCo: keys are enqueued once** (``enqueue_twice: false``, a departure). The official code
-  enqueues the duplicated 2B keys, which repeats every negative in the queue (half as many
-  distinct negatives for the same K) and forces K to be a multiple of 2·B. Enqueueing B keys
-  leaves the queue exactly as in plain MoCo, so switching the Hallucinator on changes only the
-  positives; ``enqueue_twice: true`` is the published behaviour.
+* **MoCo: the published queue is the default** (``enqueue_twice: true``). The official code
+  enqueues the duplicated 2B keys [k; k], which repeats every negative in the queue (half as many
+  distinct negatives for the same K) and fills it twice as fast. ``enqueue_twice: false`` is
+  selfsup's earlier variant: B keys, the queue exactly as in plain MoCo, so switching the
+  Hallucinator on changes only the positives (bench/RESULTS.md compares the two).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ class HallucinatorConfig:
     # SimCLR: false = the published NT-Xent over [q; h] vs [k; k] (an image's other rows are
     # negatives); true = selfsup's variant, every row of the same image masked from the negatives
     mask_same_image: bool = False
-    # MoCo: false = each key enqueued once (selfsup); true = the duplicated keys [k; k] (published)
-    enqueue_twice: bool = False
+    # MoCo: true = the duplicated keys [k; k] (published); false = each key once (selfsup's variant)
+    enqueue_twice: bool = True
 
 
 def check_hallucinator(cfg: HallucinatorConfig) -> None:
