@@ -251,6 +251,40 @@ def test_same_class_share_of_the_hardest_negatives_is_logged_when_the_monitor_ha
     assert "mochi_hard_sim" in metrics and "mochi_hard_same_class" not in metrics
 
 
+@pytest.mark.parametrize("halluc", [False, True])
+def test_simclr_logs_the_same_class_share_of_its_hardest_in_batch_negatives(halluc):
+    """SimCLR's pool is the batch: each of the 2B anchors' (with the Hallucinator 4B) hardest n
+    negatives, itself and its image's positive excluded, by a slow loop over anchors."""
+    monitor = ["monitor.every_steps=5", "data.val=some/val-{000000..000001}.tar"]
+    extra = ["objective.hallucinator.enabled=true", "objective.hallucinator.hidden_dim=48",
+             "objective.hallucinator.lambda_max=0"] if halluc else []
+    mochi = ["objective.mochi.n=4", "objective.mochi.s=2", "objective.mochi.s_prime=1",
+             "objective.mochi.start_epoch=0"]
+    obj = build(*mochi, *extra, *monitor)
+    labels = torch.tensor([0, 1, -1, 0, 1, 0])
+    v0, v1 = views()
+    with torch.no_grad():
+        z0, z1 = obj.embed(torch.cat([v0, v1])).chunk(2)
+        if halluc:  # λ = 0: ĥ = q, h = MLP([q; q]), positive z1 again
+            z0, z1 = torch.cat([z0, obj.hallucinator.mlp(torch.cat([z0, z0], dim=1))]), torch.cat([z1, z1])
+    rows = F.normalize(torch.cat([z0, z1]), dim=1)
+    row_label, p = labels.repeat(len(rows) // 6), len(z0)
+    same = known = 0
+    for a in range(len(rows)):
+        partner = (a + p) % (2 * p)
+        sims = [(float(rows[a] @ rows[j]), j) for j in range(len(rows)) if j not in (a, partner)]
+        for _, j in sorted(sims, reverse=True)[:4]:
+            if row_label[a] >= 0 and row_label[j] >= 0:
+                known += 1
+                same += int(row_label[a] == row_label[j])
+    _, metrics = obj({"views": [v0, v1], "epoch": 0.0, "label": labels}, torch.Generator().manual_seed(0))
+    assert metrics["mochi_hard_same_class"].item() == pytest.approx(same / known)
+    # no monitor with labels: no metric
+    _, metrics = build(*mochi, *extra)({"views": [v0, v1], "epoch": 0.0, "label": labels},
+                                       torch.Generator().manual_seed(0))
+    assert "mochi_hard_sim" in metrics and "mochi_hard_same_class" not in metrics
+
+
 @pytest.mark.parametrize("args,message", [
     (["objective.mochi.s=1", "objective.mochi.n=31"], "objective.mochi.n=31 exceeds the 30 in-batch negatives"),
     (["objective.mochi.s=-1"], "objective.mochi.s and s_prime must be >= 0"),

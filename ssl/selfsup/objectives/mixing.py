@@ -130,6 +130,13 @@ class HardNegativeMixer:
         return extra, mixed
 
 
+def monitor_has_labels(cfg) -> bool:
+    """Whether the run's online monitor is on and reads labelled shards: only then do objectives
+    track labels for :func:`same_class_share` (labels never reach a loss)."""
+    mc = cfg.monitor
+    return bool(mc.every_steps) and bool(mc.val or cfg.data.val)
+
+
 def same_class_share(hard: torch.Tensor, anchor_labels: torch.Tensor,
                      pool_labels: torch.Tensor) -> torch.Tensor:
     """Share of the anchors' hardest negatives (``hard``, (M, N) pool indices) that have the

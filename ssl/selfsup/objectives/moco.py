@@ -53,7 +53,8 @@ from selfsup.errors import RecipeError, warn
 from selfsup.losses import check_loss, contrastive_logits_loss, gather_cat
 from selfsup.objectives.base import Objective, full_precision, register
 from selfsup.objectives.hallucinator import Hallucinator, HallucinatorConfig, check_hallucinator
-from selfsup.objectives.mixing import HardNegativeMixer, MochiConfig, check_mochi, same_class_share
+from selfsup.objectives.mixing import (HardNegativeMixer, MochiConfig, check_mochi, monitor_has_labels,
+                                       same_class_share)
 from selfsup.objectives.shuffle_bn import has_batchnorm, shuffled_keys, split_batchnorm
 from selfsup.schedules import cosine
 
@@ -116,9 +117,7 @@ class MoCo(Objective):
         self.register_counter("enqueue_calls")  # checkpointed: when the random entries are gone
         # the keys' class labels (-1: unknown), for the same-class share of MoCHi's hard
         # negatives; not checkpointed (a resumed run relearns them as the queue turns over)
-        mc = cfg.monitor  # "when the monitor has labels": it is on and has labelled shards
-        self._label_hard = (oc.mochi.s + oc.mochi.s_prime > 0 and bool(mc.every_steps)
-                            and bool(mc.val or cfg.data.val))
+        self._label_hard = oc.mochi.s + oc.mochi.s_prime > 0 and monitor_has_labels(cfg)
         self.register_buffer("queue_label", torch.full((oc.queue_size,), -1, dtype=torch.long),
                              persistent=False)
         self._mix_checked, self._last_epoch = False, None

@@ -33,10 +33,11 @@ from lightly.utils import dist
 
 from selfsup.augment import BatchAugment
 from selfsup.errors import RecipeError
-from selfsup.losses import check_loss, contrastive_logits_loss, pair_similarities
+from selfsup.losses import check_loss, contrastive_logits_loss, gather_cat, pair_similarities
 from selfsup.objectives.base import Objective, full_precision, register
 from selfsup.objectives.hallucinator import Hallucinator, HallucinatorConfig, check_hallucinator
-from selfsup.objectives.mixing import HardNegativeMixer, MochiConfig, check_mochi
+from selfsup.objectives.mixing import (HardNegativeMixer, MochiConfig, check_mochi, monitor_has_labels,
+                                       same_class_share)
 
 LOSSES = ("infonce", "dcl", "dclw")
 # lightly's DCLW builds its (detached) weights with torch.tensor(tensor), which warns once per
@@ -97,6 +98,7 @@ class SimCLR(Objective):
         self.head = SimCLRProjectionHead(backbone.num_features, oc.proj_hidden_dim, oc.proj_dim,
                                          oc.proj_layers, oc.proj_batch_norm)
         self.mixer = HardNegativeMixer(oc.mochi)
+        self._label_hard = self.mixer.enabled and monitor_has_labels(cfg)  # for a metric only
         self.hallucinator = (Hallucinator.from_config(oc.hallucinator, oc.proj_dim)
                              if oc.hallucinator.enabled else None)
 
@@ -104,9 +106,11 @@ class SimCLR(Objective):
         return self.head(self.backbone(views))
 
     def loss_from_views(self, v0: torch.Tensor, v1: torch.Tensor, generator=None,
-                        epoch: float = math.inf):
-        """Loss of two augmented view batches: one backbone pass over both views."""
+                        epoch: float = math.inf, labels: torch.Tensor | None = None):
+        """Loss of two augmented view batches: one backbone pass over both views. ``labels``
+        (class ids, -1 unknown) only feed the ``mochi_hard_same_class`` metric."""
         oc = self.cfg.objective
+        labels = labels if self._label_hard else None
         z = self.embed(torch.cat([v0, v1]))
         metrics = {}
         with full_precision(z):  # the loss in >= fp32 under the trainer's bf16 autocast
@@ -114,13 +118,13 @@ class SimCLR(Objective):
             if self.hallucinator is None and not self.mixer.active(epoch):
                 loss = contrastive_loss(z0, z1, oc.loss, oc.temperature, oc.sigma, gather_distributed=True)
             else:
-                loss = self.composed_loss(z0, z1, generator, epoch, metrics)
+                loss = self.composed_loss(z0, z1, generator, epoch, metrics, labels)
         with torch.no_grad():
             n0, n1 = torch.nn.functional.normalize(z0, dim=1), torch.nn.functional.normalize(z1, dim=1)
             metrics.update(pos_sim=(n0 * n1).sum(1).mean(), z_std=n0.std(0).mean())
         return loss, metrics
 
-    def composed_loss(self, z0, z1, generator, epoch, metrics) -> torch.Tensor:
+    def composed_loss(self, z0, z1, generator, epoch, metrics, labels=None) -> torch.Tensor:
         """The same loss through the similarity-level path, with hallucinated positives (queries
         ``[z0; h]``, keys ``[z1; z1]``: the published NT-Xent over those rows, or with
         ``hallucinator.mask_same_image`` an image's other rows never its negatives) and/or mixed
@@ -137,12 +141,18 @@ class SimCLR(Objective):
         if self.mixer.active(epoch):
             extra, mixed = self.mixer.extra_similarities(anchors, pool, neg, generator)
             metrics["mochi_hard_sim"] = neg.detach().gather(1, mixed.hard).mean()
+            if labels is not None:  # rows [z0; h] share their image's label; the pool is [z0; z1]
+                rows = labels.to(z0.device, torch.long).repeat(len(z0) // len(labels))
+                pool_rows = gather_cat(rows, grad=False)  # every process's, as the pool
+                metrics["mochi_hard_same_class"] = same_class_share(
+                    mixed.hard, rows.repeat(2), pool_rows.repeat(2))
         return contrastive_logits_loss(pos, neg, extra, oc.loss, oc.temperature, oc.sigma)
 
     def forward(self, batch, generator):
         epoch = batch.get("epoch", math.inf)  # the trainer sets it; callers without it get mixing
+        labels = batch.get("label")  # class labels of labelled shards (-1: none), for a metric only
         if "views" in batch:  # views made elsewhere (a CPU transform pipeline, a test)
-            return self.loss_from_views(*batch["views"], generator=generator, epoch=epoch)
+            return self.loss_from_views(*batch["views"], generator=generator, epoch=epoch, labels=labels)
         views = batch["image"]  # (B, 2, 3, S, S): two crops per image, cut by the loader
-        return self.loss_from_views(self.augment(views[:, 0], generator),
-                                    self.augment(views[:, 1], generator), generator=generator, epoch=epoch)
+        return self.loss_from_views(self.augment(views[:, 0], generator), self.augment(views[:, 1], generator),
+                                    generator=generator, epoch=epoch, labels=labels)
