@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, write_shards
 from selfsup.config import RecipeError, load_recipe
 from selfsup.losses import contrastive_logits_loss, pair_similarities
 from selfsup.models import create_backbone
@@ -309,14 +309,33 @@ def test_mixing_needs_enough_negatives_at_run_time():
 def test_mochi_recipe_runs_mixes_after_warm_up_and_its_export_evaluates(tmp_path):
     mochi = ["objective.mochi.n=32", "objective.mochi.s=32", "objective.mochi.s_prime=16",
              "objective.mochi.start_epoch=1"]
-    curve, knn = run_recipe_and_evaluate(tmp_path, "mochi.yaml", *MOCO, *mochi, skip=4)
+    curve, knn = run_recipe_and_evaluate(tmp_path, "mochi.yaml", *MOCO, *mochi, *labelled_monitor(tmp_path),
+                                         skip=4)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "mochi_hard_sim" in r] == list(range(5, 61))  # epoch 1 on
     assert 0.0 <= knn <= 1.0 and curve == losses(tmp_path / "run")
+    assert_same_class_share_logged(records, first_step=5)
 
 
 def test_dcl_mochi_recipe_runs_and_its_export_evaluates(tmp_path):
     mochi = ["objective.mochi.n=16", "objective.mochi.s=32", "objective.mochi.s_prime=16",
              "objective.mochi.start_epoch=0"]
-    _, knn = run_recipe_and_evaluate(tmp_path, "dcl_mochi.yaml", *mochi)
+    _, knn = run_recipe_and_evaluate(tmp_path, "dcl_mochi.yaml", *mochi, *labelled_monitor(tmp_path))
     assert 0.0 <= knn <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert_same_class_share_logged(records, first_step=1)
+
+
+def labelled_monitor(tmp_path):
+    """The online monitor on (once, at the last step) with labelled shards: the trainer then
+    hands the train shards' labels to the objective for mochi_hard_same_class."""
+    val = write_shards(tmp_path / "monitor", n=32, split="val", shard_size=32, seed=2)
+    return ["monitor.every_steps=60", f"monitor.val={val}", "monitor.max_samples=64"]
+
+
+def assert_same_class_share_logged(records, first_step):
+    """The labels of real shards reached the metric: logged whenever mixing ran, a share in
+    [0, 1], and not a constant (4 classes, 16 images a step)."""
+    shares = [r["mochi_hard_same_class"] for r in records if "loss" in r and r["step"] >= first_step]
+    assert len(shares) == 61 - first_step and all(0.0 <= x <= 1.0 for x in shares)
+    assert len(set(shares)) > 1
