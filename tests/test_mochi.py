@@ -251,6 +251,19 @@ def test_same_class_share_of_the_hardest_negatives_is_logged_when_the_monitor_ha
     assert "mochi_hard_sim" in metrics and "mochi_hard_same_class" not in metrics
 
 
+def test_with_the_hallucinator_the_published_duplicated_keys_enqueue_their_labels_twice():
+    monitor = ["monitor.every_steps=5", "data.val=some/val-{000000..000001}.tar"]
+    obj = build(*MOCHI_MOCO, "objective.mochi.start_epoch=0", *monitor, "objective.hallucinator.enabled=true",
+                "objective.hallucinator.hidden_dim=48")
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    _, metrics = obj({"views": views(), "epoch": 0.0, "label": labels}, torch.Generator().manual_seed(0))
+    assert obj.queue_ptr.item() == 12 and torch.equal(obj.queue_label[:12], labels.repeat(2))
+    assert (obj.queue_label[12:] == -1).all()
+    assert metrics["mochi_hard_same_class"].isnan()  # the queue's labels were all unknown
+    _, metrics = obj({"views": views(seed=2), "epoch": 0.0, "label": labels}, torch.Generator().manual_seed(1))
+    assert 0 <= metrics["mochi_hard_same_class"].item() <= 1 and obj.queue_ptr.item() == 24
+
+
 @pytest.mark.parametrize("halluc", [False, True])
 def test_simclr_logs_the_same_class_share_of_its_hardest_in_batch_negatives(halluc):
     """SimCLR's pool is the batch: each of the 2B anchors' (with the Hallucinator 4B) hardest n

@@ -130,6 +130,14 @@ def test_two_processes_fill_the_queue_exactly_like_one(two_vs_one):
     assert (one["keys"][1] - one["keys"][3]).abs().max() > 1e-3
 
 
+def test_simclr_mochi_same_class_share_pairs_labels_with_the_gathered_pool(two_vs_one):
+    """SimCLR's pool is every process's batch: rank 0's metric equals a slow loop over rank 0's
+    anchors against the whole global batch, with 1 and with 2 processes."""
+    for run in two_vs_one:
+        assert run["same_class"] == pytest.approx(run["same_class_loop"], abs=1e-12)
+    assert two_vs_one[0]["same_class"] != pytest.approx(two_vs_one[1]["same_class"])  # 16 vs 8 anchors
+
+
 def test_resume_restores_the_queue_exactly(tmp_path, shards):
     common = ["train.max_steps=6", "checkpoint.every_steps=3", "checkpoint.keep=5", *MOCO]
     full = tmp_path / "full"
@@ -217,6 +225,8 @@ def test_split_bn_on_one_process_equals_shuffle_bn_on_two(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["objective.bn_splits=3"], "objective.bn_splits=3 must be >= 1 and divide train.batch_size=16"),
     (["objective.queue_size=8"], "objective.queue_size=8 is smaller than the 16 keys enqueued every step"),
+    (["objective.queue_size=24", "objective.hallucinator.enabled=true"],  # the published [k; k]
+     "objective.queue_size=24 is smaller than the 32 keys enqueued every step"),
     (["objective.momentum=1.5"], "objective.momentum must be in [0, 1]"),
     (["objective.temperature=0"], "objective.temperature must be > 0"),
     (["objective.loss=ntxent"], "objective.loss must be one of infonce, dcl, dclw"),

@@ -30,8 +30,9 @@ with InfoNCE, DCL or DCLW over the queue; MoCHi and the Hallucinator plug in fro
   would start before the queue holds real keys only (:meth:`_check_mixing_start`); with the
   online monitor on and labelled shards, the metric ``mochi_hard_same_class`` is the share of
   the hardest queue entries that have the query's class (the queue keeps the keys' labels).
-* **Hallucinator** (``objective.hallucinator``): queries ``[q; h]`` against keys ``[k; k]``; the
-  keys are enqueued once (:mod:`selfsup.objectives.hallucinator` explains why).
+* **Hallucinator** (``objective.hallucinator``): queries ``[q; h]`` against keys ``[k; k]``, and
+  ``[k; k]`` enqueued as the authors' code (``enqueue_twice: false``: each key once;
+  :mod:`selfsup.objectives.hallucinator`).
 
 The exported backbone is the query encoder (``objective.backbone``), as in MoCo's evaluation.
 """
@@ -201,7 +202,7 @@ class MoCo(Objective):
                         epoch: float = math.inf, labels: torch.Tensor | None = None):
         oc = self.cfg.objective
         self._check_mixing_start(epoch)
-        labels = labels if self._label_hard else None
+        labels = labels.to(v0.device, torch.long) if self._label_hard and labels is not None else None
         q = self.head(self.backbone(v0))
         k = self.keys(v1, generator)
         with full_precision(q):
