@@ -160,3 +160,22 @@ def test_selfsup_eval_logs_its_table_to_the_trackers(tmp_path, tracker_env, caps
     assert eval_main(["knn", str(run / "export" / "backbone.safetensors"), "--train", str(shards),
                       "--val", str(val), "--trackers", "wandbb", "--out", str(out)]) == 2
     assert "--trackers: unknown tracker 'wandbb'" in capsys.readouterr().err
+
+
+def test_an_undefined_metric_is_null_in_strict_json_and_left_out_of_the_trackers(tmp_path, monkeypatch):
+    """MoCo's mochi_hard_same_class is NaN while the queue's labels are all unknown: the line must
+    stay JSON that strict readers accept."""
+    from selfsup.logs import MetricsLog
+
+    sent = []
+    log = MetricsLog(tmp_path, trackers=())
+    monkeypatch.setattr(log.trackers, "log", lambda values, step: sent.append(values))
+    log.log(3, {"loss": 1.23456789, "share": float("nan"), "inf": float("inf"), "n": 2})
+    log.close()
+
+    def strict(token):
+        raise ValueError(f"not JSON: {token}")
+
+    record = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=strict)
+    assert record["loss"] == 1.234568 and record["share"] is None and record["inf"] is None
+    assert sent == [{"loss": 1.234568, "n": 2}]

@@ -6,10 +6,19 @@ figures read it, and it needs nothing installed."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 from selfsup_io.tracking import Trackers
+
+
+def _value(v):
+    """7 significant digits; a non-finite float (a metric undefined this step, e.g. a share of
+    nothing) becomes null: ``NaN`` is not JSON, and strict readers (jq, JavaScript) reject the line."""
+    if isinstance(v, float):
+        return float(f"{v:.7g}") if math.isfinite(v) else None
+    return v
 
 
 class MetricsLog:
@@ -37,10 +46,9 @@ class MetricsLog:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "time": round(time.time(), 3),
-                  **{k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(record) + "\n")
-        self.trackers.log({k: v for k, v in record.items() if k not in ("step", "time")}, step)
+        record = {"step": step, "time": round(time.time(), 3), **{k: _value(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
+        self.trackers.log({k: v for k, v in record.items() if k not in ("step", "time") and v is not None}, step)
 
     def close(self) -> None:
         if self.enabled:
