@@ -169,7 +169,7 @@ def _explain(e: OmegaConfBaseException) -> str:
     if key in REMOVED_KEYS:
         return f"recipe key '{key}' was removed: {REMOVED_KEYS[key]}"
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
-        return f"unknown recipe key '{key}' (check the spelling; see README 'Recipe keys')"
+        return f"unknown recipe key '{key}' (check the spelling; see docs/recipe.md)"
     return f"bad value for recipe key '{key}': {msg}"
 
 
