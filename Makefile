@@ -12,7 +12,7 @@ RUN    := runs/demo
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv fmnist shards clean bench image image-check
+.PHONY: demo test venv fmnist shards clean bench image image-check recipe-doc
 
 venv: $(STAMP)
 
@@ -63,3 +63,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs/demo $(DATA)
+
+# docs/recipe.md is generated from the recipe schema (tests/test_recipe_doc.py fails when stale)
+recipe-doc: $(STAMP)
+	$(BIN)/selfsup-train --explain-keys > docs/recipe.md

@@ -35,6 +35,9 @@ directory (runs.jsonl there holds no pre-#15 rows under the same names):
 On a GPU, the method table at ten times that budget: ``python bench/methods.py --images 1200000
 --parallel 8 --precision bf16 --out bench/results/methods-gpu-10x``.
 
+Every row runs the trainer's lr schedule (warm-up, then the cosine from the peak); the tables in
+RESULTS.md dated before 2026-12-07 ran one cosine over the whole run (a tie over 3 seeds with the
+official shape, measured there), so a fresh --out starts a new table rather than extending them.
 Run directories go to runs/bench-methods/. Results: one JSON line per run appended to OUT/runs.jsonl (reruns skip what is there), and a
 markdown table (mean ± half-range over seeds) printed and written to OUT/table.md, followed by the
 per-seed differences of the compared pairs that ran (``PAIRS``).
@@ -64,10 +67,6 @@ DATA = ["recipes/data/fashion_mnist.yaml"]
 # minutes on a CPU (4 for the ViT); the raw-pixel baseline uses the same subset
 TRAIN, VAL = "data/fashion-mnist/train-{000000..000003}.tar", "data/fashion-mnist/test-000000.tar"
 
-# every row: the lr schedule every table in RESULTS.md was measured with until 2026-12-02 (one
-# cosine over the whole run; the trainer's default is now the official warm-up, then cosine), so
-# that new seeds extend those tables; drop it to start a fresh table
-SCHEDULE = ["optim.cosine_after_warmup=false"]
 # the make-demo backbone and optimiser, shared by every contrastive run
 RESNET = ["model.name=resnet10t", "model.small_stem=false", "model.channels_last=false",
           "model.zero_init_last=null",  # timm's init, as the demo (moco.yaml: torchvision's)
@@ -107,8 +106,6 @@ OBJECTIVES = {
     # I-JEPA init ablations (RESULTS.md: what is behind I-JEPA's drop since the pre-#15 rows)
     "ijepa_rescale": (["recipes/ijepa_vit_tiny.yaml"], ["objective.rescale_init=true"]),
     "ijepa_fan_in": (["recipes/ijepa_vit_tiny.yaml"], ["objective.patch_embed_init=fan_in"]),
-    # the trainer's default schedule since 2026-12-02 (SCHEDULE pins the earlier one on every row)
-    "moco_after_warmup": (["recipes/moco.yaml"], RESNET + HEAD + MOCO + ["optim.cosine_after_warmup=true"]),
 }
 # rows that evaluate another export of a row's training: that run's directory is copied and its
 # final checkpoint resumed with the overrides (--accept-changes), so the two rows differ in nothing
@@ -130,7 +127,7 @@ def backbone(name: str) -> str:
 def run_one(name: str, seed: int, images: int, batch: int, train: str, val: str, precision: str) -> dict:
     source, extra = DERIVED.get(name, (name, []))
     recipes, overrides = OBJECTIVES[source]
-    overrides = [*SCHEDULE, *overrides, *extra]
+    overrides = [*overrides, *extra]
     run_dir = ROOT / "runs" / "bench-methods" / f"{name}-b{batch}-s{seed}"
     steps = max(1, images // batch)
     data = [] if recipes[0] in OWN_BACKBONE else DATA
@@ -213,8 +210,7 @@ PAIRS = [("moco", "moco_plainbn", "shuffle/split-BN on MoCo (moco.yaml: 8 groups
          ("mochi", "moco", "MoCHi, mixing after the queue has filled, over MoCo"),
          ("mochi", "mochi_early", "MoCHi: mixing after minus before the queue has filled"),
          ("ijepa_fan_in", "ijepa", "I-JEPA: patch conv at the paper's output scale minus σ 0.02"),
-         ("ijepa_rescale", "ijepa", "I-JEPA: with minus without the √(2ℓ) rescaling"),
-         ("moco_after_warmup", "moco", "lr: cosine after the warm-up (official) minus one cosine over the run")]
+         ("ijepa_rescale", "ijepa", "I-JEPA: with minus without the √(2ℓ) rescaling")]
 
 
 def pairs_table(records: list[dict]) -> str:

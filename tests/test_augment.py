@@ -5,10 +5,9 @@ per-image SimCLR pipeline uses), replaying the parameters the batch drew."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from selfsup.augment import JITTER_OPS, BatchAugment, CenterResize
+from selfsup.augment import JITTER_OPS, BatchAugment
 
 # Everything random switched off, no normalisation: the output is the input in [0, 1].
 OFF = dict(hflip_p=0, jitter_p=0, gray_p=0, blur_p=0, solarize_p=0, mean=(0, 0, 0), std=(1, 1, 1))
@@ -137,23 +136,3 @@ def test_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = aug(x, gen(2))
     assert out.dtype == torch.float32 and torch.equal(out, aug(x, gen(2)))
-
-
-def test_center_resize_is_a_deterministic_centre_crop():
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
-    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    x = images(b=2, h=32, w=48)
-    out = CenterResize(32, mean=mean, std=std)(x)  # shorter side already 32: crop columns 8..39
-    torch.testing.assert_close(out, (x[..., 8:40].float() / 255 - m) / s, atol=1e-5, rtol=0)
-    x = images(b=2, c=1, h=40, w=40)
-    out = CenterResize(35, crop_frac=35 / 40, mean=mean, std=std)(x)  # no resize, crop 2..36
-    torch.testing.assert_close(out, (x[..., 2:37, 2:37].float().expand(-1, 3, -1, -1) / 255 - m) / s,
-                               atol=1e-5, rtol=0)
-    const = torch.full((2, 3, 64, 64), 200, dtype=torch.uint8)
-    out = CenterResize(28, crop_frac=0.875, mean=(0, 0, 0), std=(1, 1, 1))(const)  # 64 → 32 → 28
-    assert out.shape == (2, 3, 28, 28)
-    torch.testing.assert_close(out, torch.full_like(out, 200 / 255), atol=1e-6, rtol=0)
-    x = images(b=2, h=64, w=64)
-    out = CenterResize(28, crop_frac=0.875, mean=(0, 0, 0), std=(1, 1, 1))(x)
-    ref = F.interpolate(x.float() / 255, size=(32, 32), mode="bilinear", antialias=True)[..., 2:30, 2:30]
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 
 from conftest import ROOT, write_shards
 from selfsup.config import load_recipe
-from selfsup.schedules import ema_update
+from selfsup.schedules import EMA
 from selfsup.trainer import build_model
 from selfsup.views import view_size
 from tinyrun import TINY, TINY_NO_HEAD, train
@@ -95,7 +95,7 @@ def lockstep(eager, compiled) -> tuple[list[dict], list[dict]]:
             opt.step()
             opt.zero_grad(set_to_none=True)
             for online, target in obj.momentum_pairs():
-                ema_update(online, target, obj.momentum((i + 1) / STEPS))
+                EMA([(online, target)]).update(obj.momentum((i + 1) / STEPS))
             out.append({"loss": loss.detach(), "metrics": {k: float(v) for k, v in metrics.items()},
                         "grads": grads})
     return runs[0][3], runs[1][3]

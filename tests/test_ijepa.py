@@ -19,7 +19,7 @@ from selfsup.config import load_recipe
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
 from selfsup.objectives.ijepa_masks import MultiBlockMasks
-from selfsup.schedules import ema_update
+from selfsup.schedules import EMA
 from tinyrun import TINY_NO_HEAD, run_recipe_and_evaluate, train
 
 RECIPE = "ijepa_vit_tiny.yaml"
@@ -125,7 +125,7 @@ def test_target_encoder_gets_no_gradient_and_moves_only_by_the_trainers_ema():
     m = obj.momentum(0.25)
     assert m == pytest.approx(0.996 + 0.004 * 0.25)
     [(online, target)] = obj.momentum_pairs()
-    ema_update(online, target, m)
+    EMA([(online, target)]).update(m)
     online_sd = obj.encoder.state_dict()
     for k, v in obj.target.state_dict().items():
         torch.testing.assert_close(v, m * before[k] + (1 - m) * online_sd[k], rtol=0, atol=1e-6)

@@ -288,7 +288,8 @@ def test_jigclu_recipe_trains_locates_and_its_export_evaluates(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["augment.size=15"], "augment.size=15 must be even"),
     (["objective.cross_ratio=0.6"], "objective.cross_ratio must be in [0, 0.5), not 0.6"),
-    (["objective.temperature=0"], "objective.temperature and objective.base_temperature must be > 0"),
+    (["objective.temperature=0"], "objective.temperature must be > 0, not 0.0"),
+    (["objective.base_temperature=-1"], "objective.base_temperature must be > 0, not -1"),
     (["model.small_stem=false"], "the last feature map of a 16 px montage is 1x1"),
     (["model.name=test_vit", "model.small_stem=false", "model.kwargs.dynamic_img_size=false"],
      "model cannot encode augment.size=16 montages"),

@@ -300,7 +300,7 @@ def test_simclr_logs_the_same_class_share_of_its_hardest_in_batch_negatives(hall
 
 @pytest.mark.parametrize("args,message", [
     (["objective.mochi.s=1", "objective.mochi.n=31"], "objective.mochi.n=31 exceeds the 30 in-batch negatives"),
-    (["objective.mochi.s=-1"], "objective.mochi.s and s_prime must be >= 0"),
+    (["objective.mochi.s=-1"], "objective.mochi.s must be >= 0, not -1"),
     (["objective.mochi.s_prime=2", "objective.mochi.n=0"], "objective.mochi.n must be >= 1"),
     (["objective.mochi.start_epoch=-1"], "objective.mochi.start_epoch must be >= 0"),
     (["objective.mochi.m=3"], "unknown recipe key 'objective.mochi.m'"),

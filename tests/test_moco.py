@@ -13,7 +13,7 @@ from conftest import ROOT
 from selfsup.config import load_recipe
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
-from selfsup.schedules import ema_update
+from selfsup.schedules import EMA
 from tinyrun import (MOCO, one_and_two_processes, queue_check_one_and_two_processes,
                      run_recipe_and_evaluate, train)
 
@@ -68,7 +68,7 @@ def test_key_encoder_gets_no_gradient_and_moves_only_by_the_trainers_ema():
     online = list(obj.backbone.parameters()) + list(obj.head.parameters())
     assert obj.momentum(0.3) == 0.9
     for o, t in obj.momentum_pairs():  # the trainer's loop
-        ema_update(o, t, obj.momentum(0.3))
+        EMA([(o, t)]).update(obj.momentum(0.3))
     for old, new, on in zip(before, keys, online):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * on.detach(), rtol=0, atol=1e-15)
     assert any(not torch.equal(a, p) for a, p in zip(before, keys))

@@ -221,9 +221,9 @@ def test_one_shard_where_nothing_decodes_among_good_ones(tmp_path):
     assert len(batches) == 8 and sum(b["corrupt"] for b in batches) >= 16
 
 
-def test_the_removed_decode_size_key_is_one_line(tmp_path, shards, capsys):
+def test_an_unknown_key_is_one_line_naming_it(tmp_path, shards, capsys):
     assert train(tmp_path / "run", shards, "data.decode_size=0") == 2
-    assert "recipe key 'data.decode_size' was removed" in last_error(capsys)
+    assert "unknown recipe key 'data.decode_size'" in last_error(capsys)
 
 
 def test_the_monitor_on_unlabelled_shards_fails_at_start(tmp_path, capsys):

@@ -4,4 +4,4 @@ The source root is ``ssl/`` but the package is ``selfsup``: ``ssl`` itself must 
 package, since it would shadow Python's standard ``ssl`` module (and break HTTPS).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

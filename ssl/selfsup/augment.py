@@ -243,27 +243,3 @@ class BatchAugment(nn.Module):
             p = self.sample_params(images.shape[0], generator)
             out = self.apply(images, p)
         return (out, p) if return_params else out
-
-
-class CenterResize(nn.Module):
-    """Deterministic evaluation view: uint8 (B, 1|3, H, W) → normalised float32 (B, 3, size, size).
-
-    The shorter side is resized (bilinear, antialiased: this is a downscale in the usual ImageNet
-    protocol) to ``round(size / crop_frac)``, then the centre ``size``² is cut (``crop_frac=0.875``
-    gives the classic 256 → 224). No randomness, so torchvision's ops apply to the whole batch."""
-
-    def __init__(self, size: int, crop_frac: float = 1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        super().__init__()
-        if not 0 < crop_frac <= 1:
-            raise ValueError(f"crop_frac must be in (0, 1], got {crop_frac}")
-        self.size, self.crop_frac = int(size), float(crop_frac)
-        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(images.device.type, enabled=False):
-            x = _float3(images)
-            short = round(self.size / self.crop_frac)
-            if min(x.shape[-2:]) != short:
-                x = TF.resize(x, [short], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-            x = TF.center_crop(x, [self.size, self.size])
-            return TF.normalize(x.contiguous(), self.mean, self.std)

@@ -10,8 +10,7 @@ A checkpoint holds accelerate's state (model, optimizer, RNG of every process), 
 that a resume can tell what changed: :mod:`selfsup.rundir`) and ``rank-R.safetensors`` per process
 (augmentation RNG as a tensor, that rank's data-stream positions as JSON metadata). No pickle:
 loading a checkpoint must not run code from a file someone handed over, so the rank files are
-safetensors, and the ``rank-R.pt`` of older checkpoints and accelerate's own files are read with
-``torch.load(weights_only=True)``.
+safetensors, and accelerate's own files are read with ``torch.load(weights_only=True)``.
 
 A write that fails for lack of space is one line (:class:`StorageError`) saying so, instead of
 torch's "unexpected pos"; the half-written temp directory is removed.
@@ -158,8 +157,8 @@ def save_rank_state(rank_state: dict, path: Path) -> None:
 
 
 def load_rank_state(folder: Path, rank: int) -> dict | None:
-    """This rank's state from ``rank-R.safetensors`` (or an older checkpoint's ``rank-R.pt``,
-    read with ``weights_only=True``: a pickle that would run code is refused); None if absent."""
+    """This rank's state from ``rank-R.safetensors``; None if absent (no other file is read: a
+    pickle beside it is never opened)."""
     path = folder / f"rank-{rank}.safetensors"
     if path.is_file():
         with safe_open(str(path), "pt") as f:
@@ -167,14 +166,7 @@ def load_rank_state(folder: Path, rank: int) -> dict | None:
             generator = f.get_tensor("generator")
         meta["positions"] = {int(k): int(v) for k, v in meta.get("positions", {}).items()}
         return {**meta, "generator": generator}
-    legacy = folder / f"rank-{rank}.pt"
-    if not legacy.is_file():
-        return None
-    try:
-        return torch.load(legacy, weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for anything beyond tensors and containers
-        raise CheckpointError(f"{legacy} holds more than tensors and plain values; selfsup does not "
-                              f"unpickle it ({' '.join(str(e).split())[:120]})") from None
+    return None
 
 
 def _discard(path: Path) -> None:

@@ -28,7 +28,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="selfsup-train",
         description="Pretrain a backbone with a recipe (recipes/*.yaml) and key=value overrides.")
-    parser.add_argument("items", nargs="+", metavar="RECIPE|key=value",
+    parser.add_argument("items", nargs="*", metavar="RECIPE|key=value",
                         help="recipe YAML files merged in order (e.g. recipes/dcl.yaml "
                              "recipes/data/fashion_mnist.yaml), then key=value overrides")
     parser.add_argument("--print-recipe", action="store_true",
@@ -37,7 +37,17 @@ def train_main(argv: list[str] | None = None) -> int:
                         help="resume even though the recipe differs from the checkpoint's in "
                              "values that change the run (e.g. a lower optim.lr after a divergence, "
                              "a longer train.max_steps); without it such a resume is refused")
+    parser.add_argument("--explain-keys", action="store_true",
+                        help="print every recipe key (default, rule, resume class, meaning) as Markdown "
+                             "and exit; docs/recipe.md is this output")
     args = parser.parse_intermixed_args(argv)
+    if args.explain_keys:
+        from selfsup.recipe_doc import render
+
+        print(render(), end="")
+        return 0
+    if not args.items:
+        parser.error("a recipe is required (e.g. recipes/tiny.yaml)")
     try:
         recipes = [a for a in args.items if "=" not in a]
         overrides = [a for a in args.items if "=" in a]

@@ -32,16 +32,6 @@ from selfsup.errors import RecipeError
 LOSSES = ("infonce", "dcl", "dclw")
 
 
-def check_loss(loss: str, temperature: float, sigma: float = 0.5) -> None:
-    """One-line errors for bad recipe values (raised at objective construction)."""
-    if loss not in LOSSES:
-        raise RecipeError(f"objective.loss must be one of {', '.join(LOSSES)}, not {loss!r}")
-    if not temperature > 0:
-        raise RecipeError(f"objective.temperature must be > 0, not {temperature}")
-    if loss == "dclw" and not sigma > 0:
-        raise RecipeError(f"objective.sigma must be > 0, not {sigma}")
-
-
 def vmf_weights(pos: torch.Tensor, sigma: float) -> torch.Tensor:
     """DCLW's weights ``2 − exp(pos/σ) / mean(exp(pos/σ))`` over the anchors (detached)."""
     pos = pos.detach()

@@ -66,17 +66,3 @@ def create_backbone(name: str, kwargs: dict | None = None, small_stem: bool = Fa
     if zero_init_last is False:
         keep_last_norms(model)
     return model
-
-
-def feature_dim(model: nn.Module) -> int:
-    return int(model.num_features)
-
-
-@torch.no_grad()
-def output_dim(model: nn.Module, input_size: int, in_chans: int = 3) -> int:
-    """Pooled feature size measured by a forward pass (robust to unusual timm heads)."""
-    was = model.training
-    model.eval()
-    out = model(torch.zeros(1, in_chans, input_size, input_size))
-    model.train(was)
-    return int(out.shape[-1])

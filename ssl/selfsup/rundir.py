@@ -25,12 +25,14 @@ changes the numbers computed (batch size, augmentation, seed, loss, lr, step bud
 silently turn an exact resume into a different run, and a changed model, objective or optimizer
 cannot be loaded at all (a state-dict traceback, ``KeyError: 'step'``). So:
 
-* keys that change nothing that is computed (:data:`HARMLESS`: logging, checkpointing, the
-  monitor, where to resume from) may always differ;
+Each key's class is declared with the key (:func:`selfsup.schema.key`'s ``resume``):
+
+* keys that change nothing that is computed (``FREE``: logging, checkpointing, the monitor, where
+  to resume from) may always differ;
 * any other difference is refused with one line listing the keys, unless the user passes
   ``--accept-changes`` (e.g. a lower ``optim.lr`` after a divergence, a longer
   ``train.max_steps``): then the run goes on from the checkpoint with the new values;
-* :data:`STRUCTURAL` differences (what the checkpoint's tensors are) are refused even then.
+* ``STRUCTURAL`` differences (what the checkpoint's tensors are) are refused even then.
 """
 
 from __future__ import annotations
@@ -46,13 +48,6 @@ from omegaconf import OmegaConf
 LOCK_FILE = ".lock"
 LOCK_WAIT_ENV = "SELFSUP_LOCK_WAIT"
 UNSUPPORTED = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)
-# prefixes of keys whose value never changes a computed number
-HARMLESS = ("run.dir", "resume", "train.log_every", "log.", "checkpoint.", "monitor.",
-            "data.max_corrupt_fraction")
-# prefixes of keys that decide what the checkpoint's tensors are: never accepted
-STRUCTURAL = ("model.name", "model.kwargs", "model.small_stem", "objective.name", "optim.name")
-
-
 class RunDirError(ValueError):
     """The run directory is in use, or the checkpoint does not fit the recipe (one line)."""
 
@@ -137,21 +132,32 @@ def _flat(cfg) -> dict:
 
 
 def _matches(key: str, prefixes: tuple) -> bool:
-    return any(key == p or key.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def resume_classes(objective_name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(free keys, structural keys) of the recipe schema for this objective (module docstring)."""
+    from selfsup.config import schema_fields
+    from selfsup.schema import FREE, STRUCTURAL
+
+    keys = schema_fields(objective_name)
+    return (tuple(k for k, f in keys if f.metadata.get("resume") == FREE),
+            tuple(k for k, f in keys if f.metadata.get("resume") == STRUCTURAL))
 
 
 def recipe_changes(saved, current) -> list[str]:
-    """Keys whose value differs between the checkpoint's recipe and the current one, harmless
-    keys left out, as ``key: old -> new``. A key only one side has is a key a newer (or older)
+    """Keys whose value differs between the checkpoint's recipe and the current one, free keys
+    left out, as ``key: old -> new``. A key only one side has is a key a newer (or older)
     selfsup added (or removed) with its default: it is not a change the user made, so it is
     left out too (a run must resume after an upgrade)."""
     old, new = _flat(saved), _flat(current)
+    free, structural = resume_classes(_objective_name(current))
     out = []
     for key in sorted(set(old) & set(new)):
-        if _matches(key, HARMLESS) or _matches(key, STRUCTURAL) or old[key] == new[key]:
+        if _matches(key, free) or _matches(key, structural) or old[key] == new[key]:
             continue
         out.append(f"{key}: {old[key]} -> {new[key]}")
-    for key in STRUCTURAL:  # whole values: model.kwargs {} -> {img_size: 64} is one change
+    for key in structural:  # whole values: model.kwargs {} -> {img_size: 64} is one change
         a, b = _lookup(saved, key), _lookup(current, key)
         if a is not _MISSING and b is not _MISSING and a != b:
             out.append(f"{key}: {a} -> {b}")
@@ -159,6 +165,11 @@ def recipe_changes(saved, current) -> list[str]:
 
 
 _MISSING = object()
+
+
+def _objective_name(cfg) -> str:
+    name = _lookup(cfg, "objective.name")
+    return "simclr" if name is _MISSING else str(name)  # load_recipe's default
 
 
 def _lookup(cfg, key: str):
@@ -176,7 +187,8 @@ def check_resume_recipe(saved, current, checkpoint: Path, accept: bool) -> list[
     changes = recipe_changes(saved, current)
     if not changes:
         return []
-    structural = [c for c in changes if _matches(c.split(":", 1)[0], STRUCTURAL)]
+    _, keys = resume_classes(_objective_name(current))
+    structural = [c for c in changes if _matches(c.split(":", 1)[0], keys)]
     if structural:
         raise RunDirError(f"cannot resume from {checkpoint}: the recipe changed what its tensors are "
                           f"({'; '.join(structural)}); start a new run.dir or resume=none")

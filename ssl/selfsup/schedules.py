@@ -25,16 +25,15 @@ def scaled_lr(base_lr: float, global_batch: int, rule: str) -> float:
 
 
 def lr_scheduler(optimizer, total_steps: int, warmup_steps: int, warmup_lr: float,
-                 min_lr: float, cosine_after_warmup: bool = True) -> CosineLRScheduler:
+                 min_lr: float) -> CosineLRScheduler:
     """Linear warm-up from ``warmup_lr``, then a cosine from the peak to ``min_lr``, stepped per
     optimizer update (``step_update(step)``; timm's scheduler).
 
-    ``cosine_after_warmup`` (default, as SimCLR's, I-JEPA's and DINO's official schedules): the
-    cosine starts at the peak when the warm-up ends and spans the remaining steps. False: timm's
-    default shape (``warmup_prefix=False``), one cosine over the whole run whose first steps the
-    warm-up replaces, which every later step sees lower (I-JEPA's 40 of 300 epochs: 21 % lower
-    at epoch 170); selfsup's schedule before 2026-12-02, kept to extend earlier tables."""
-    after = cosine_after_warmup and warmup_steps > 0
+    The cosine starts at the peak when the warm-up ends and spans the remaining steps, as SimCLR's,
+    I-JEPA's and DINO's official schedules (``warmup_prefix``). timm's default shape instead runs
+    one cosine over the whole run whose first steps the warm-up replaces, so every later step sees
+    a lower rate (I-JEPA's 40 of 300 warm-up epochs: 21 % lower at epoch 170)."""
+    after = warmup_steps > 0
     return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps if after else total_steps),
                              lr_min=min_lr, warmup_t=warmup_steps, warmup_lr_init=warmup_lr,
                              warmup_prefix=after, t_in_epochs=False)
@@ -85,8 +84,3 @@ class EMA:
             torch._foreach_lerp_(self.dst, self.src, 1.0 - momentum)
         for dst, src in self.copies:
             dst.copy_(src)
-
-
-def ema_update(online: torch.nn.Module, target: torch.nn.Module, momentum: float) -> None:
-    """One EMA step of ``target`` towards ``online`` (see :class:`EMA`)."""
-    EMA([(online, target)]).update(momentum)

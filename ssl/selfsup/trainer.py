@@ -53,8 +53,6 @@ def make_accelerator(cfg) -> Accelerator:
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise RecipeError(f"train.precision must be auto, bf16 or fp32, not {precision!r}")
     acc = Accelerator(cpu=cpu, mixed_precision="bf16" if precision == "bf16" else "no",
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     expected = int(os.environ.get("WORLD_SIZE", "1"))
@@ -127,8 +125,7 @@ class Trainer:
         optimizer = create_optimizer(objective, oc, lr, acc.device)  # fused/foreach updates
         self.optim_hyper = recipe_hyperparameters(optimizer)  # what a resume must not undo
         warmup = round(oc.warmup_epochs * steps_per_epoch)
-        self.scheduler = lr_scheduler(optimizer, self.total_steps, warmup, oc.warmup_lr, oc.min_lr,
-                                      oc.cosine_after_warmup)
+        self.scheduler = lr_scheduler(optimizer, self.total_steps, warmup, oc.warmup_lr, oc.min_lr)
         self.model, self.optimizer = acc.prepare(objective, optimizer)
         self.objective = acc.unwrap_model(self.model)
         self.ema = EMA(self.objective.momentum_pairs())  # on the device: gathered once

@@ -69,11 +69,3 @@ def topk_accuracy(ranked: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
     """Fraction of queries whose label is among the first ``k`` ranked classes."""
     labels = labels.to(ranked.device).view(-1, 1)
     return (ranked[:, :k] == labels).any(1).float().mean().item()
-
-
-def knn_accuracy(train_features, train_labels, query_features, query_labels, ks=(20,),
-                 temperature: float = 0.07, **kw) -> dict[int, dict[str, float]]:
-    """``{k: {"top1": .., "top5": ..}}``: :func:`knn_classify` plus :func:`topk_accuracy`."""
-    ranked = knn_classify(train_features, train_labels, query_features, ks, temperature, **kw)
-    return {k: {"top1": topk_accuracy(r, query_labels, 1), "top5": topk_accuracy(r, query_labels, 5)}
-            for k, r in ranked.items()}

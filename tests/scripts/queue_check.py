@@ -19,7 +19,7 @@ import torch
 from selfsup.config import load_recipe
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
-from selfsup.schedules import ema_update
+from selfsup.schedules import EMA
 from selfsup.trainer import end_distributed, make_accelerator
 
 GLOBAL_BATCH = 8
@@ -57,7 +57,7 @@ def main(recipe, out):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for online, target in moco.momentum_pairs():
-            ema_update(online, target, moco.momentum(step / 4))
+            EMA([(online, target)]).update(moco.momentum(step / 4))
 
     model, simclr = build(recipe, acc, ["objective.name=simclr", "objective.loss=dcl",
                                         "objective.proj_batch_norm=false",

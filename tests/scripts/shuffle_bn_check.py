@@ -12,7 +12,7 @@ import torch
 from selfsup.config import load_recipe
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
-from selfsup.schedules import ema_update
+from selfsup.schedules import EMA
 from selfsup.trainer import end_distributed, make_accelerator
 
 GLOBAL_BATCH, GROUPS = 8, 2
@@ -41,7 +41,7 @@ def main(recipe, out):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for online, target in moco.momentum_pairs():
-            ema_update(online, target, moco.momentum(step / 3))
+            EMA([(online, target)]).update(moco.momentum(step / 3))
     if acc.is_main_process:
         torch.save({"losses": losses, "queue": moco.queue.clone()}, out)
     end_distributed(acc)  # no rank exits with gloo's threads up (an abort seen in CI)

@@ -38,28 +38,21 @@ from typing import Optional
 import torch
 from torch import nn
 
-from selfsup.errors import RecipeError
+from selfsup.schema import at_least, key
 
 
 @dataclass
 class HallucinatorConfig:
     """``objective.hallucinator``: shared by every objective that supports it."""
 
-    enabled: bool = False
-    lambda_max: float = 0.1  # λ ~ U(0, lambda_max) per step
-    hidden_dim: Optional[int] = None  # generator width; None: 2 × the projection dim (official)
-    # SimCLR: false = the published NT-Xent over [q; h] vs [k; k] (an image's other rows are
-    # negatives); true = selfsup's variant, every row of the same image masked from the negatives
-    mask_same_image: bool = False
-    # MoCo: true = the duplicated keys [k; k] (published); false = each key once (selfsup's variant)
-    enqueue_twice: bool = True
-
-
-def check_hallucinator(cfg: HallucinatorConfig) -> None:
-    if cfg.lambda_max < 0:
-        raise RecipeError(f"objective.hallucinator.lambda_max must be >= 0, not {cfg.lambda_max}")
-    if cfg.hidden_dim is not None and cfg.hidden_dim < 1:
-        raise RecipeError(f"objective.hallucinator.hidden_dim must be >= 1 (or null), not {cfg.hidden_dim}")
+    enabled: bool = key(False, "the Hallucinator's extra positives")
+    lambda_max: float = key(0.1, "λ ~ U(0, lambda_max) per step", check=at_least(0))
+    hidden_dim: Optional[int] = key(None, "generator width (null: 2 × the projection dim, official)",
+                                    check=at_least(1, optional=True))
+    mask_same_image: bool = key(False, "SimCLR: `false` is the published NT-Xent over [q; h] vs [k; k] (an "
+                                "image's other rows are negatives); `true` masks them (a departure)")
+    enqueue_twice: bool = key(True, "MoCo: `true` enqueues the duplicated keys [k; k] as the authors' code; "
+                              "`false` each key once (a departure, the queue of plain MoCo)")
 
 
 def extrapolate(q: torch.Tensor, k: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
@@ -78,7 +71,6 @@ class Hallucinator(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: HallucinatorConfig, dim: int) -> "Hallucinator":
-        check_hallucinator(cfg)
         return cls(dim, cfg.hidden_dim, cfg.lambda_max)
 
     def draw_lambda(self, generator: torch.Generator | None) -> float:

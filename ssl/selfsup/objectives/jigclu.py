@@ -48,6 +48,7 @@ from selfsup.views import ViewSpec
 from selfsup.errors import RecipeError
 from selfsup.losses import gather_cat
 from selfsup.objectives.base import Objective, full_precision, register
+from selfsup.schema import STRUCTURAL, at_least, below, key, positive
 
 
 def montage(g: torch.Tensor, n: int) -> torch.Tensor:
@@ -135,14 +136,15 @@ class JigClu(Objective):
 
     @dataclass
     class Config:
-        name: str = "jigclu"
-        cross_ratio: float = 0.3
-        proj_hidden_dim: int = 2048
-        proj_dim: int = 128
-        temperature: float = 0.3  # official --loss-t
-        base_temperature: float = 0.07  # official SupCluLoss constant: loss × 0.3 / 0.07
-        w_clu: float = 1.0
-        w_loc: float = 1.0
+        name: str = key("jigclu", "the objective", resume=STRUCTURAL)
+        cross_ratio: float = key(0.3, "overlap of the quadrants, as a share of the image side",
+                                 check=below(0, 0.5))
+        proj_hidden_dim: int = key(2048, "clustering head width", check=at_least(1))
+        proj_dim: int = key(128, "clustering head output dimension", check=at_least(1))
+        temperature: float = key(0.3, "clustering loss τ (official --loss-t)", check=positive())
+        base_temperature: float = key(0.07, "official SupCluLoss constant: loss × τ / base", check=positive())
+        w_clu: float = key(1.0, "weight of the clustering loss", check=at_least(0))
+        w_loc: float = key(1.0, "weight of the location loss", check=at_least(0))
 
     def __init__(self, cfg, backbone):
         super().__init__(cfg, backbone)
@@ -150,10 +152,6 @@ class JigClu(Objective):
         if cfg.augment.size % 2:
             raise RecipeError(f"augment.size={cfg.augment.size} must be even: montages are 2x2 tiles of "
                               "augment.size/2 patches")
-        if not 0 <= oc.cross_ratio < 0.5:
-            raise RecipeError(f"objective.cross_ratio must be in [0, 0.5), not {oc.cross_ratio}")
-        if oc.temperature <= 0 or oc.base_temperature <= 0:
-            raise RecipeError("objective.temperature and objective.base_temperature must be > 0")
         self.augment = BatchAugment.from_config(cfg.augment, cfg.augment.size // 2)
         dim = backbone.num_features
         self.clu_head = nn.Sequential(nn.Linear(dim, oc.proj_hidden_dim), nn.ReLU(inplace=True),

@@ -31,16 +31,17 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.errors import RecipeError
+from selfsup.schema import at_least, key
 
 
 @dataclass
 class MochiConfig:
     """``objective.mochi``: shared by every objective that supports hard negative mixing."""
 
-    n: int = 1024  # N: hardest negatives per anchor the mixed points are drawn from
-    s: int = 0  # synthetic negatives mixing two hard negatives (0: none)
-    s_prime: int = 0  # synthetic negatives mixing the anchor with one hard negative (0: none)
-    start_epoch: float = 10.0  # warm-up: no mixing before this epoch (0-based, fractional ok)
+    n: int = key(1024, "MoCHi: hardest negatives per anchor the mixes are drawn from", check=at_least(1))
+    s: int = key(0, "MoCHi: mixes of two hard negatives per anchor (`s = s_prime = 0`: off)", check=at_least(0))
+    s_prime: int = key(0, "MoCHi: mixes of the anchor with one hard negative (β < 0.5)", check=at_least(0))
+    start_epoch: float = key(10.0, "MoCHi: no mixing before this epoch (0-based, fractional)", check=at_least(0))
 
 
 @dataclass
@@ -56,11 +57,8 @@ class Mixed:
 
 
 def check_mochi(cfg: MochiConfig, max_negatives: int | None = None, what: str = "negatives") -> None:
-    """One-line errors for bad ``objective.mochi`` values; ``max_negatives`` bounds N when known."""
-    if cfg.s < 0 or cfg.s_prime < 0:
-        raise RecipeError(f"objective.mochi.s and s_prime must be >= 0, not {cfg.s} and {cfg.s_prime}")
-    if cfg.start_epoch < 0:
-        raise RecipeError(f"objective.mochi.start_epoch must be >= 0, not {cfg.start_epoch}")
+    """One-line errors for ``objective.mochi`` values that only the pool size can judge (each key's
+    own range is checked with the recipe: :mod:`selfsup.schema`)."""
     if cfg.s + cfg.s_prime == 0:
         return
     if cfg.n < 1:

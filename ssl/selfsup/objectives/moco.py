@@ -51,41 +51,43 @@ from lightly.utils import dist
 
 from selfsup.augment import BatchAugment
 from selfsup.errors import RecipeError, warn
-from selfsup.losses import check_loss, contrastive_logits_loss, gather_cat
+from selfsup.losses import LOSSES, contrastive_logits_loss, gather_cat
 from selfsup.objectives.base import Objective, full_precision, register
-from selfsup.objectives.hallucinator import Hallucinator, HallucinatorConfig, check_hallucinator
+from selfsup.objectives.hallucinator import Hallucinator, HallucinatorConfig
 from selfsup.objectives.mixing import (HardNegativeMixer, MochiConfig, check_mochi, monitor_has_labels,
                                        same_class_share)
 from selfsup.objectives.shuffle_bn import has_batchnorm, shuffled_keys, split_batchnorm
 from selfsup.schedules import cosine
+from selfsup.schema import STRUCTURAL, at_least, key, one_of, positive, probability
 
 
 @register("moco")
 class MoCo(Objective):
     @dataclass
     class Config:
-        name: str = "moco"
-        loss: str = "infonce"  # infonce | dcl | dclw, over [key | queue]
-        temperature: float = 0.2
-        sigma: float = 0.5  # DCLW weight temperature
-        queue_size: int = 65536  # K
-        momentum: float = 0.999  # key-encoder EMA
-        momentum_cosine: bool = False  # cosine schedule from `momentum` to 1.0 over training
-        proj_hidden_dim: int = 2048
-        proj_dim: int = 128
-        proj_layers: int = 2
-        proj_batch_norm: bool = False  # MoCo-v2: no BN in the head
-        shuffle_bn: bool = True  # shuffle keys across processes (and BN groups) around the key encoder
-        bn_splits: int = 1  # BatchNorm groups per process in both encoders (split-BN); 1: the batch
+        name: str = key("moco", "the objective", resume=STRUCTURAL)
+        loss: str = key("infonce", "over [key | queue]: `infonce` (MoCo's); `dcl`, `dclw` are departures",
+                        check=one_of(*LOSSES))
+        temperature: float = key(0.2, "τ", check=positive())
+        sigma: float = key(0.5, "DCLW's weight temperature σ", check=positive())
+        queue_size: int = key(65536, "queue length K (at least the keys enqueued per step)", check=at_least(1))
+        momentum: float = key(0.999, "key-encoder EMA momentum", check=probability())
+        momentum_cosine: bool = key(False, "cosine schedule from `momentum` to 1.0 over training")
+        proj_hidden_dim: int = key(2048, "projection head width", check=at_least(1))
+        proj_dim: int = key(128, "projection output dimension", check=at_least(1))
+        proj_layers: int = key(2, "projection head layers", check=at_least(1))
+        proj_batch_norm: bool = key(False, "BatchNorm in the projection head (MoCo-v2: none)")
+        shuffle_bn: bool = key(True, "shuffle the key batch across processes around the key encoder (MoCo's "
+                               "shuffle-BN; on one process with `bn_splits: 1` it changes nothing); `false` is "
+                               "a departure kept as an ablation arm")
+        bn_splits: int = key(1, "BatchNorm groups per process in both encoders (split-BN; `moco.yaml`: 8)",
+                             check=at_least(1))
         mochi: MochiConfig = field(default_factory=MochiConfig)
         hallucinator: HallucinatorConfig = field(default_factory=HallucinatorConfig)
 
     def __init__(self, cfg, backbone):
         super().__init__(cfg, backbone)
         oc = cfg.objective
-        check_loss(oc.loss, oc.temperature, oc.sigma)
-        if not 0.0 <= oc.momentum <= 1.0:
-            raise RecipeError(f"objective.momentum must be in [0, 1], not {oc.momentum}")
         global_batch = cfg.train.batch_size * dist.world_size()
         if oc.hallucinator.enabled and oc.hallucinator.enqueue_twice:
             global_batch *= 2  # [k; k] enqueued
@@ -94,7 +96,6 @@ class MoCo(Objective):
             raise RecipeError(f"objective.queue_size={oc.queue_size} is smaller than the "
                               f"{global_batch} keys enqueued every step")
         check_mochi(oc.mochi, oc.queue_size, "queue entries")
-        check_hallucinator(oc.hallucinator)
         if oc.bn_splits < 1 or cfg.train.batch_size % oc.bn_splits:
             raise RecipeError(f"objective.bn_splits={oc.bn_splits} must be >= 1 and divide "
                               f"train.batch_size={cfg.train.batch_size}")

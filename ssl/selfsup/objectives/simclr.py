@@ -33,13 +33,13 @@ from lightly.utils import dist
 
 from selfsup.augment import BatchAugment
 from selfsup.errors import RecipeError
-from selfsup.losses import check_loss, contrastive_logits_loss, gather_cat, pair_similarities
+from selfsup.losses import LOSSES, contrastive_logits_loss, gather_cat, pair_similarities
 from selfsup.objectives.base import Objective, full_precision, register
-from selfsup.objectives.hallucinator import Hallucinator, HallucinatorConfig, check_hallucinator
+from selfsup.objectives.hallucinator import Hallucinator, HallucinatorConfig
 from selfsup.objectives.mixing import (HardNegativeMixer, MochiConfig, check_mochi, monitor_has_labels,
                                        same_class_share)
+from selfsup.schema import STRUCTURAL, at_least, key, one_of, positive
 
-LOSSES = ("infonce", "dcl", "dclw")
 # lightly's DCLW builds its (detached) weights with torch.tensor(tensor), which warns once per
 # process about copy-construction; the value is right, so the warning only alarms users
 warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning,
@@ -75,25 +75,24 @@ class SimCLR(Objective):
 
     @dataclass
     class Config:
-        name: str = "simclr"
-        loss: str = "dcl"  # infonce | dcl | dclw
-        temperature: float = 0.1
-        sigma: float = 0.5  # DCLW weight temperature
-        proj_hidden_dim: int = 2048
-        proj_dim: int = 128
-        proj_layers: int = 2
-        proj_batch_norm: bool = True
+        name: str = key("simclr", "the objective (`simclr`, `moco`, `ijepa`, `jigclu`)", resume=STRUCTURAL)
+        loss: str = key("dcl", "`infonce` (SimCLR's NT-Xent), `dcl` or `dclw` (decoupled; DCLW weights positives)",
+                        check=one_of(*LOSSES))
+        temperature: float = key(0.1, "τ", check=positive())
+        sigma: float = key(0.5, "DCLW's weight temperature σ", check=positive())
+        proj_hidden_dim: int = key(2048, "projection head width", check=at_least(1))
+        proj_dim: int = key(128, "projection output dimension", check=at_least(1))
+        proj_layers: int = key(2, "projection head layers", check=at_least(1))
+        proj_batch_norm: bool = key(True, "BatchNorm in the projection head (SimCLR's)")
         mochi: MochiConfig = field(default_factory=MochiConfig)
         hallucinator: HallucinatorConfig = field(default_factory=HallucinatorConfig)
 
     def __init__(self, cfg, backbone):
         super().__init__(cfg, backbone)
         oc = cfg.objective
-        check_loss(oc.loss, oc.temperature, oc.sigma)  # one-line errors for bad values, early
         rows = 2 if oc.hallucinator.enabled else 1  # rows per image and view: z (and h)
         global_batch = cfg.train.batch_size * dist.world_size()
         check_mochi(oc.mochi, 2 * rows * (global_batch - 1), "in-batch negatives")  # own rows masked
-        check_hallucinator(oc.hallucinator)
         self.augment = BatchAugment.from_config(cfg.augment)
         self.head = SimCLRProjectionHead(backbone.num_features, oc.proj_hidden_dim, oc.proj_dim,
                                          oc.proj_layers, oc.proj_batch_norm)
