@@ -27,17 +27,14 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 
 from selfsup import checkpoint as ckpt
 from selfsup import rundir
+from selfsup.collective import any_rank
 
 
 def _all_ok(acc, ok: bool) -> bool:
-    if acc.num_processes == 1:
-        return ok
-    failed = acc.reduce(torch.tensor([0.0 if ok else 1.0], device=acc.device), "sum")
-    return failed.item() == 0
+    return not any_rank(acc, not ok)
 
 
 def _check_recipe(trainer, path: Path) -> list[str]:

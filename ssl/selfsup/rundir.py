@@ -219,7 +219,7 @@ class _NoLock:
 def acquire(acc, run_dir: Path):
     """Collective: the main process locks ``run_dir`` (creating it); every rank raises the same
     :class:`RunDirError` when it is taken, so none is left waiting at a collective."""
-    import torch
+    from selfsup.collective import any_rank
 
     lock, error = _NoLock(), None
     if acc.is_main_process:
@@ -230,9 +230,8 @@ def acquire(acc, run_dir: Path):
         except OSError as e:  # unwritable or not a directory: one line, and no rank left waiting below
             error = RunDirError(f"cannot create the lock {Path(run_dir) / LOCK_FILE} "
                                 f"({e.strerror or e}); check run.dir")
-    if acc.num_processes > 1:
-        flag = acc.reduce(torch.tensor([float(error is not None)], device=acc.device), "sum")
-        if flag.item() and error is None and not acc.is_main_process:
+    if any_rank(acc, error is not None):
+        if error is None and not acc.is_main_process:
             error = RunDirError(f"run.dir {run_dir} cannot be locked by rank 0 (rank 0's message says why)")
     if error is not None:
         raise error

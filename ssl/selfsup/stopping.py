@@ -21,7 +21,7 @@ import sys
 from contextlib import contextmanager
 from typing import Callable
 
-import torch
+from selfsup.collective import any_rank
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint written, start me again"
 
@@ -73,10 +73,7 @@ class StopSignals:
     def requested(self, acc) -> bool:
         """Any process got a stop signal → all stop at the same step (collective). One process
         needs no collective, and skipping it spares a device sync per step."""
-        if acc.num_processes == 1:
-            return self.signal is not None
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=acc.device)
-        return bool(acc.reduce(flag, reduction="sum").item() > 0)
+        return any_rank(acc, self.signal is not None)
 
     def _on_signal(self, signum, frame):
         self.signal = signum

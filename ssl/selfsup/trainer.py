@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from selfsup import checkpoint as ckpt
 from selfsup import resume as resuming
 from selfsup import rundir
+from selfsup.collective import any_rank
 from selfsup.config import RecipeError
 from selfsup.errors import warn
 from selfsup.data import ShardLoader, check_corrupt
@@ -248,9 +249,8 @@ class Trainer:
                              project=cfg.log.project, config=OmegaConf.to_container(cfg, resolve=True))
         except TrackerError as e:
             error = e
-        if acc.num_processes > 1:
-            failed = acc.reduce(torch.tensor([float(error is not None)], device=acc.device), "sum")
-            if failed.item() and error is None:
+        if any_rank(acc, error is not None):
+            if error is None:
                 if log is not None:
                     log.close()
                 raise TrackerError("log.trackers: a tracker did not start on the main process "
