@@ -29,17 +29,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from selfsup.errors import CheckpointError, StorageError  # noqa: F401  (also imported from here)
+
 STEP_DIR = re.compile(r"^step-(\d{9})$")
 TRAINER_FILE = "trainer.json"
 EXPORT_FORMAT = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint path that is not one, or a damaged checkpoint (one-line message)."""
-
-
-class StorageError(OSError):
-    """A checkpoint or export could not be written for lack of space (one-line message)."""
 
 
 def storage_error(e: BaseException, path: Path, then: str) -> StorageError | None:

@@ -11,16 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from selfsup.checkpoint import CheckpointError, StorageError
-from selfsup.config import RecipeError, load_recipe
-from selfsup.data import DataError
-from selfsup.models import ModelError
-from selfsup.rundir import RunDirError
-from selfsup_io.shards import ShardSpecError
-from selfsup_io.tracking import TrackerError
-
-USER_ERRORS = (RecipeError, DataError, ModelError, CheckpointError, ShardSpecError,
-               RunDirError, StorageError, TrackerError)
+from selfsup.config import load_recipe
+from selfsup.errors import UserError
 DIVERGED_EXIT_CODE = 3  # NaN/inf loss or weights: not requeued (75), not a bad recipe (2)
 
 
@@ -73,7 +65,7 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"selfsup-train: error: {e}", file=sys.stderr)
             return DIVERGED_EXIT_CODE
         end_distributed(trainer.acc)
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"selfsup-train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -34,16 +34,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from selfsup.decode import DeviceDecoder, decode_views, device_decodable, open_image
+from selfsup.errors import DataError  # noqa: F401  (raised here; also imported from here)
 from selfsup_io.shards import ShardSet, resolve_shards
 from selfsup.views import ViewSpec, sample_boxes, sample_rng, view_size
 from selfsup_io import BadLabel, image_member, label_member
 from selfsup_io.images import check_pixels
 
 DECODE_MODES = ("cpu", "device")
-
-
-class DataError(ValueError):
-    """Bad data configuration (one-line message naming the key and the fix)."""
 
 
 def split_shards(urls: list[str], rank: int, world_size: int, worker: int, num_workers: int):

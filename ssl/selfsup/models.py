@@ -12,9 +12,7 @@ import timm
 import torch
 from torch import nn
 
-
-class ModelError(ValueError):
-    """A model-configuration problem, reported as one line."""
+from selfsup.errors import ModelError  # noqa: F401  (also imported from here)
 
 
 def apply_small_stem(model: nn.Module) -> nn.Module:

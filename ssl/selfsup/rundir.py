@@ -45,13 +45,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from selfsup.errors import RunDirError  # noqa: F401  (raised here; also imported from here)
+
 LOCK_FILE = ".lock"
 LOCK_WAIT_ENV = "SELFSUP_LOCK_WAIT"
 UNSUPPORTED = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)
-class RunDirError(ValueError):
-    """The run directory is in use, or the checkpoint does not fit the recipe (one line)."""
-
-
 class RunDirLock:
     """Exclusive ``flock`` on ``RUN_DIR/.lock`` (see the module docstring); ``release()`` or the
     end of the process frees it."""

@@ -18,13 +18,11 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
+from selfsup_io.errors import ShardSpecError  # noqa: F401  (also imported from here)
+
 INDEX_FORMAT = "selfsup-shards/1"
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://")
 SHARD_NAME = re.compile(r"(.+)-(\d+)\.tar")
-
-
-class ShardSpecError(ValueError):
-    """A shard specification that resolves to nothing usable (one-line message)."""
 
 
 @dataclass(frozen=True)

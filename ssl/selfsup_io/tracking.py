@@ -24,9 +24,7 @@ import os
 import uuid
 from pathlib import Path
 
-
-class TrackerError(ValueError):
-    """A tracker that is unknown or not installed (one-line message)."""
+from selfsup_io.errors import TrackerError  # noqa: F401  (also imported from here)
 
 
 # accelerate's name → the pip package that makes it available

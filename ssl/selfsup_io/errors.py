@@ -1,0 +1,22 @@
+"""The base of every error a user can fix, shared by both packages.
+
+A command line reports a :class:`UserError` as one line with exit status 2 and lets anything else
+through as a traceback: an error in selfsup's own code must not pass for a user's mistake, as it
+did while the CLIs turned every ``ValueError`` into one line. Each package's kinds subclass it:
+:mod:`selfsup.errors` for training, ``selfsup_eval.checkpoint.EvalError`` for evaluation; the two
+defined here are raised on both sides.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A problem the user can fix, reported as one line naming what to change."""
+
+
+class ShardSpecError(UserError):
+    """A shard specification that resolves to nothing usable (one-line message)."""
+
+
+class TrackerError(UserError):
+    """A tracker that is unknown, not installed or cannot start (one-line message)."""
