@@ -6,7 +6,8 @@ One place decides which protocol runs in which mode, so the CLI stays about inpu
 * ``knn``: the k-NN sweep (and low-shot k-NN);
 * ``linear``: the linear probe (with ``--knn-loss``, trained with the k-NN-weighted loss);
 * ``all``: both, plus k-NN ⊕ linear (:mod:`selfsup_eval.knn_linear`) from the same probe fit;
-* a ``--baseline`` gets the k-NN only, whatever the mode.
+* a ``--baseline`` gets the k-NN only, whatever the mode;
+* wherever the k-NN runs, the retrieval metrics (:mod:`selfsup_eval.retrieval`) come with it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from selfsup_io.knn import knn_classify, topk_accuracy
 from selfsup_eval.knn_linear import knn_linear
 from selfsup_eval.linear import linear_probe
 from selfsup_eval.lowshot import lowshot, protocols
+from selfsup_eval.retrieval import Retrieval
 
 
 def methods_for(mode: str, baseline: bool) -> tuple[str, ...]:
@@ -23,21 +25,28 @@ def methods_for(mode: str, baseline: bool) -> tuple[str, ...]:
     return ("linear",) if mode == "linear" else ("knn", "linear", "knn_linear")
 
 
-def probe(args, record: dict, ftrain: dict, fval: dict, baseline: bool) -> None:
-    """Fill ``record`` from rank 0's gathered features (computed on ``args.device``)."""
+def probe(args, record: dict, ftrain: dict, fval: dict, baseline: bool, extras: dict | None = None) -> None:
+    """Fill ``record`` from rank 0's gathered features (computed on ``args.device``). With
+    ``extras`` (a dict), k-NN ⊕ linear also leaves the linear probe's val predictions there
+    (``"linear_pred"``, for the confusion matrix of :mod:`selfsup_eval.pictures`)."""
     dev = args.device
     methods = methods_for(args.mode, baseline)
     if "knn" in methods:
+        retrieval = Retrieval(ftrain["label"], fval["label"])  # from the same neighbour search
         ranked = knn_classify(ftrain["features"].to(dev), ftrain["label"], fval["features"].to(dev),
-                              ks=args.k, temperature=args.temperature)
+                              ks=args.k, temperature=args.temperature, extra_k=retrieval.k,
+                              on_chunk=retrieval)
         record["knn"] = {f"k={k}": topk_accuracy(r, fval["label"], 1) for k, r in ranked.items()}
         record["knn_top5"] = {f"k={k}": topk_accuracy(r, fval["label"], 5) for k, r in ranked.items()}
         record["knn_temperature"] = args.temperature
+        record["retrieval"] = retrieval.result()
     knn_loss = getattr(args, "knn_loss", 0.0) or 0.0
     if "knn_linear" in methods or ("linear" in methods and knn_loss > 0):
         both = knn_linear(ftrain["features"], ftrain["label"], fval["features"], fval["label"],
-                          device=dev, knn_loss=knn_loss)
+                          device=dev, knn_loss=knn_loss, return_probs=extras is not None)
         record["linear"] = both["linear"]
+        if extras is not None:
+            extras["linear_pred"] = both["val_logits"].argmax(1)
         if "knn_linear" in methods:
             record["knn_linear"] = both["knn_linear"]
     elif "linear" in methods:

@@ -33,8 +33,12 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
+RETRIEVAL_KS = (1, 5, 10)
+
+
 def table(records: list[dict]) -> str:
-    """A markdown-style table: k-NN top-1 per k, linear top-1/top-5, in percent."""
+    """A markdown-style table: k-NN top-1 per k, linear top-1/top-5, k-NN ⊕ linear, retrieval
+    recall@1/5/10 and mAP@R (:mod:`selfsup_eval.retrieval`), in percent."""
     ks = _ks(records)
     head = ["checkpoint", "step", "objective"] + [f"kNN {k} top1" for k in ks]
     linear = any("linear" in r for r in records)
@@ -43,6 +47,9 @@ def table(records: list[dict]) -> str:
     both = any("knn_linear" in r for r in records)
     if both:
         head += ["kNN⊕lin top1", "kNN⊕lin top5", "λ, k"]
+    retrieval = any("retrieval" in r for r in records)
+    if retrieval:
+        head += [f"R@{k}" for k in RETRIEVAL_KS] + ["mAP@R"]
     rows = []
     for r in records:
         row = [r["name"], str(r["step"]), str(r.get("objective") or "-")]
@@ -54,6 +61,9 @@ def table(records: list[dict]) -> str:
             kl = r.get("knn_linear") or {}
             row += [_pct(kl.get("top1")), _pct(kl.get("top5")),
                     f"{kl['lambda']:g}, {kl['k']}" if kl else "-"]
+        if retrieval:
+            ret = r.get("retrieval") or {}
+            row += [_pct(ret.get(f"recall@{k}")) for k in RETRIEVAL_KS] + [_pct(ret.get("map@r"))]
         rows.append(row)
     return _grid(head, rows)
 
@@ -96,6 +106,10 @@ def _lowshot_columns(records: list[dict]) -> list[tuple[str, str]]:
     return seen
 
 
+def _blank(x):
+    return "" if x is None else x
+
+
 def to_csv(records: list[dict]) -> str:
     ks, low = _ks(records), _lowshot_columns(records)
     buf = io.StringIO()
@@ -105,6 +119,7 @@ def to_csv(records: list[dict]) -> str:
                     + ["linear_top1", "linear_top5", "linear_lr", "linear_wd", "train_samples",
                        "val_samples", "corrupt_samples", "knn_linear_top1", "knn_linear_top5",
                        "knn_linear_lambda", "knn_linear_k", "knn_linear_temperature"]
+                    + [f"retrieval_recall@{k}" for k in RETRIEVAL_KS] + ["retrieval_map@r"]
                     + [f"lowshot_{name}_{m}_{stat}" for name, m in low for stat in ("mean", "std")])
     for r in records:
         lin, kl = r.get("linear") or {}, r.get("knn_linear") or {}
@@ -115,6 +130,8 @@ def to_csv(records: list[dict]) -> str:
                            lin.get("wd", ""), r.get("train_samples", ""), r.get("val_samples", ""),
                            r.get("corrupt_samples", "")]
                         + [kl.get(f, "") for f in ("top1", "top5", "lambda", "k", "temperature")]
+                        + [_blank((r.get("retrieval") or {}).get(f"recall@{k}")) for k in RETRIEVAL_KS]
+                        + [_blank((r.get("retrieval") or {}).get("map@r"))]
                         + [r.get("lowshot", {}).get(name, {}).get(m, {}).get(stat, "")
                            for name, m in low for stat in ("mean", "std")])
     return buf.getvalue()
@@ -188,7 +205,7 @@ def tracker_metrics(record: dict) -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out["".join(c for c in key if c.isalnum() or c in "_-./")] = value
 
-    for section in ("knn", "knn_top5", "linear", "knn_linear", "lowshot"):
+    for section in ("knn", "knn_top5", "linear", "knn_linear", "lowshot", "retrieval"):
         if section in record:
             walk(record[section], section)
     return out

@@ -29,13 +29,17 @@ import torch.nn.functional as F
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor,
                  query_features: torch.Tensor, ks=(20,), temperature: float = 0.07,
                  num_classes: int | None = None, chunk_size: int = 1024,
-                 topn: int = 5) -> dict[int, torch.Tensor]:
+                 topn: int = 5, extra_k: int = 0, on_chunk=None) -> dict[int, torch.Tensor]:
     """Weighted k-NN predictions for every k in ``ks`` from one neighbour search.
 
     Returns ``{k: LongTensor (Q, min(topn, C))}``: per query the classes ranked by summed vote
     ``exp(s/T)``, best first (column 0 is the prediction; top-5 accuracy reads 5 columns).
     Computed on ``train_features.device`` (move the features to the GPU to run it there).
     Raises ``ValueError`` if a k exceeds the number of training samples.
+
+    ``on_chunk(start, scores, sims, idx)``, when given, sees every query chunk's full similarity
+    matrix and its top-``max(max(ks), extra_k)`` neighbours (``extra_k`` capped at the train
+    size): retrieval metrics (:mod:`selfsup_eval.retrieval`) ride on this same pass.
     """
     ks = sorted({int(k) for k in ks})
     n = len(train_features)
@@ -49,11 +53,15 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor,
     train = F.normalize(train_features.float(), dim=1)
     labels = train_labels.to(device).long()
     c = int(num_classes) if num_classes else int(labels.max()) + 1
-    kmax, topn = ks[-1], min(topn, c)
+    kmax, topn = max(ks[-1], min(int(extra_k), n)), min(topn, c)
     out = {k: [] for k in ks}
-    for q in query_features.split(chunk_size):
+    for start, q in zip(range(0, len(query_features), chunk_size), query_features.split(chunk_size)):
         q = F.normalize(q.to(device).float(), dim=1)
-        sims, idx = (q @ train.T).topk(kmax, dim=1)  # sorted: the k nearest are the first k
+        scores = q @ train.T
+        sims, idx = scores.topk(kmax, dim=1)  # sorted: the k nearest are the first k
+        if on_chunk is not None:
+            on_chunk(start, scores, sims, idx)
+        del scores
         # exp(s/T) up to a per-query factor exp(s_max/T), which does not change the ranking
         # but keeps a small T from overflowing fp32
         weights = ((sims - sims[:, :1]) / temperature).exp()
