@@ -51,7 +51,8 @@ DEFAULT_KS = (10, 20, 100, 200)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfsup-eval", description="k-NN and linear probes of "
-                                "exported selfsup backbones on labelled WebDataset shards.")
+                                "exported selfsup backbones on labelled WebDataset shards ("
+                                "'selfsup-eval embed --help': write every sample's embedding).")
     p.add_argument("mode", choices=("knn", "linear", "all"), help="all: both, from one extraction")
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                    help="export .safetensors, run directory (all its exports, by step), or raw-pixels")
@@ -72,6 +73,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random subsets per low-shot protocol, seeded from the labels (default 5)")
     p.add_argument("--baseline", action="append", default=[], metavar="CHECKPOINT",
                    help="reference evaluated by k-NN only and listed first (e.g. raw-pixels); repeatable")
+    add_model_arguments(p)
+    p.add_argument("--raw-size", type=int, default=None, metavar="N",
+                   help="raw-pixels: resize + centre-crop to N (default: native size)")
+    p.add_argument("--out", metavar="DIR", help="write results.json, results.csv, accuracy_vs_step.png, "
+                   "report.html and (mode all) the last checkpoint's pictures (docs/inspect.md)")
+    p.add_argument("--no-pictures", action="store_true",
+                   help="all: skip neighbours/map/confusion/curves.png (neighbours.png reads its images "
+                   "back from the shards)")
+    p.add_argument("--trackers", nargs="+", default=[], metavar="NAME",
+                   help="also log the results to these trackers (accelerate's names: tensorboard, "
+                        "wandb, mlflow...), one tracker run per call; needs --out (their local files)")
+    p.add_argument("--project", default="selfsup", help="the trackers' project / experiment name")
+    p.add_argument("--cache-dir", default=None,
+                   help="feature cache (default $SELFSUP_EVAL_CACHE or ~/.cache/selfsup-eval)")
+    p.add_argument("--no-cache", action="store_true", help="extract without reading or writing the cache")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=None, help="image-decoding threads (default min(4, CPUs))")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """How to read another framework's checkpoint (shared with ``selfsup-eval embed``)."""
     g = p.add_argument_group("checkpoints of other frameworks (a file without selfsup metadata)")
     g.add_argument("--model", metavar="TIMM_NAME", default=None,
                    help="timm model the file's backbone fits (plain/torchvision/timm state dicts, official "
@@ -86,20 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input side (default: timm's pretrained config of the model)")
     g.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean (default: timm's)")
     g.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std (default: timm's)")
-    p.add_argument("--raw-size", type=int, default=None, metavar="N",
-                   help="raw-pixels: resize + centre-crop to N (default: native size)")
-    p.add_argument("--out", metavar="DIR", help="write results.json, results.csv, accuracy_vs_step.png")
-    p.add_argument("--trackers", nargs="+", default=[], metavar="NAME",
-                   help="also log the results to these trackers (accelerate's names: tensorboard, "
-                        "wandb, mlflow...), one tracker run per call; needs --out (their local files)")
-    p.add_argument("--project", default="selfsup", help="the trackers' project / experiment name")
-    p.add_argument("--cache-dir", default=None,
-                   help="feature cache (default $SELFSUP_EVAL_CACHE or ~/.cache/selfsup-eval)")
-    p.add_argument("--no-cache", action="store_true", help="extract without reading or writing the cache")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=None, help="image-decoding threads (default min(4, CPUs))")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p
 
 
 def _json_object(text: str) -> dict:
@@ -112,36 +122,41 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def parse(argv):
-    p = build_parser()
-    args = p.parse_args(argv)
+def parse(argv, parser: argparse.ArgumentParser | None = None):
+    p = parser or build_parser()
+    return check(p.parse_args(argv), p.error)
+
+
+def check(args, error):
+    """The checks argparse cannot do; ``error(message)`` does not return (``p.error`` exits, the
+    Python API's raises :class:`~selfsup_io.errors.UsageError`)."""
     args.explicit_k = args.k is not None
-    args.k = args.k or list(DEFAULT_KS)
+    args.k = list(args.k or DEFAULT_KS)
     if min(args.k) < 1:
-        p.error("--k values must be at least 1")
+        error("--k values must be at least 1")
     if args.temperature <= 0:
-        p.error("--temperature must be positive")
+        error("--temperature must be positive")
     if args.batch_size < 1 or (args.raw_size is not None and args.raw_size < 1):
-        p.error("--batch-size and --raw-size must be positive")
+        error("--batch-size and --raw-size must be positive")
     if args.shots and min(args.shots) < 1:
-        p.error("--shots values must be at least 1")
+        error("--shots values must be at least 1")
     if args.fraction and not all(0 < f <= 1 for f in args.fraction):
-        p.error("--fraction values must be in (0, 1]")
+        error("--fraction values must be in (0, 1]")
     if args.input_size is not None and args.input_size < 1:
-        p.error("--input-size must be positive")
+        error("--input-size must be positive")
     if args.subsets < 1:
-        p.error("--subsets must be at least 1")
+        error("--subsets must be at least 1")
     if not args.knn_loss >= 0:
-        p.error("--knn-loss must be 0 (off) or positive")
+        error("--knn-loss must be 0 (off) or positive")
     if args.trackers:
         if not args.out:
-            p.error("--trackers needs --out: the trackers keep their local files there")
+            error("--trackers needs --out: the trackers keep their local files there")
         from selfsup_io.tracking import TrackerError, check_trackers
 
         try:  # before any extraction: a missing package is one line at once
             args.trackers = check_trackers(args.trackers, "--trackers")
         except TrackerError as e:
-            p.error(str(e))
+            error(str(e))
     return args
 
 
@@ -153,8 +168,9 @@ def resolve(spec: str, what: str):
     """Shards through the shared low-level package (selfsup_io), never the trainer's."""
     from selfsup_io.shards import ShardSpecError, resolve_shards
 
+    prefer = {"train": ("train",), "val": ("val", "test")}.get(what, ())
     try:
-        return resolve_shards(spec, ("train",) if what == "train" else ("val", "test"))
+        return resolve_shards(spec, prefer)
     except ShardSpecError as e:
         raise EvalError(f"--{what}: {one_line(e)}") from None
 
@@ -261,7 +277,15 @@ def evaluate(args) -> list[dict]:
                   "val_samples": n_val, "corrupt_samples": ftrain["corrupt"] + fval["corrupt"],
                   "corrupt_keys": (ftrain["corrupt_keys"] + fval["corrupt_keys"])[:5]}
         if rank == 0:
-            probe(args, record, ftrain, fval, baseline)
+            want = (args.mode == "all" and args.out and not getattr(args, "no_pictures", False)
+                    and not baseline and path == entries[-1][0])  # the last checkpoint's pictures
+            extras = {} if want else None
+            probe(args, record, ftrain, fval, baseline, extras)
+            if want:
+                from selfsup_eval.pictures import draw
+
+                args.pictures = draw(args.out, bb.name, ftrain, fval, train, val,
+                                     extras.get("linear_pred"), record["run"])
         records.append(record)
     return records
 
@@ -280,39 +304,51 @@ def _init_distributed(args) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse(argv)
-    except SystemExit as e:  # argparse: usage + one error line, status 2
-        return int(e.code or 0)
+def run(args) -> list[dict]:
+    """The command after parsing: evaluate, then (rank 0) print and write. The Python API
+    (:mod:`selfsup_eval.api`) calls this too, so the two cannot drift."""
+    records = evaluate(args)
+    if dist_info()[0] == 0:
+        precision = "bf16 autocast (GPU)" if args.device.startswith("cuda") else "fp32 (CPU)"
+        protocol = PROTOCOL.format(precision=precision, temperature=args.temperature)
+        print(protocol)
+        print(report.table(records))
+        low = report.lowshot_table(records)
+        if low:
+            print(f"low-shot: mean ± std over {args.subsets} subset(s) seeded from the train labels")
+            print(low)
+        for r in records:
+            if r["corrupt_samples"]:
+                print(f"note: {r['name']}: skipped {r['corrupt_samples']} corrupt sample(s), e.g. "
+                      f"{', '.join(r['corrupt_keys'])}")
+        if args.out:
+            written = report.write(args.out, records)
+            from selfsup_eval.html import write_report
+
+            page = write_report(args.out, records, protocol,
+                                extra_pictures=[p.name for p in written if p.suffix == ".png"]
+                                + getattr(args, "pictures", []))
+            print(f"results: {os.path.join(args.out, 'results.json')}, {page}")
+        if args.trackers:
+            report.to_trackers(records, args)
+    return records
+
+
+def guarded(args, work):
+    """``work()`` under torchrun's set-up and tear-down; bad input (``ValueError``: EvalError,
+    ShardSpecError...; ``OSError``: an unwritable --out) becomes one :class:`UsageError` whose
+    message is the CLI's line."""
+    from selfsup_io.errors import UsageError
+
     started, ok = _init_distributed(args), False
     try:
-        records = evaluate(args)
-        rank = dist_info()[0]
-        if rank == 0:
-            precision = "bf16 autocast (GPU)" if args.device.startswith("cuda") else "fp32 (CPU)"
-            print(PROTOCOL.format(precision=precision, temperature=args.temperature))
-            print(report.table(records))
-            low = report.lowshot_table(records)
-            if low:
-                print(f"low-shot: mean ± std over {args.subsets} subset(s) seeded from the train labels")
-                print(low)
-            for r in records:
-                if r["corrupt_samples"]:
-                    print(f"note: {r['name']}: skipped {r['corrupt_samples']} corrupt sample(s), e.g. "
-                          f"{', '.join(r['corrupt_keys'])}")
-            if args.out:
-                report.write(args.out, records)
-                print(f"results: {os.path.join(args.out, 'results.json')}")
-            if args.trackers:
-                report.to_trackers(records, args)
+        result = work()
         ok = True
-        return 0
-    except (ValueError, OSError) as e:  # EvalError, ShardSpecError, unwritable --out, ...
-        print(f"selfsup-eval: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        return result
+    except UsageError:
+        raise
+    except (ValueError, OSError) as e:
+        raise UsageError(f"selfsup-eval: error: {one_line(e)}") from None
     finally:
         if started:
             import torch.distributed as dist
@@ -324,6 +360,33 @@ def main(argv: list[str] | None = None) -> int:
             if ok:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def run_guarded(args, work) -> int:
+    """:func:`guarded` for a CLI: the error line on stderr and exit status 2."""
+    from selfsup_io.errors import UsageError
+
+    try:
+        guarded(args, work)
+        return 0
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["embed"]:  # its own arguments (selfsup_eval.embed)
+        from selfsup_eval.embed import main as embed_main
+
+        return embed_main(argv[1:])
+    try:
+        args = parse(argv)
+    except SystemExit as e:  # argparse: usage + one error line, status 2
+        return int(e.code or 0)
+    return run_guarded(args, lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -93,13 +93,19 @@ def cache_key(bb: Backbone, urls: list[str], device="cpu") -> str:
 @torch.no_grad()
 def extract(bb: Backbone, urls: list[str], *, batch_size: int = 256, device="cpu", desc: str = "",
             total: int | None = None, workers: int | None = None,
-            expected: list[int] | None = None) -> dict:
+            expected: list[int] | None = None, sink=None, require_labels: bool = True) -> dict:
     """Features of every labelled, decodable sample of ``urls``, in shard order.
 
     Returns ``{"key": [str], "label": LongTensor (N,), "features": FloatTensor (N, D) (None on
-    ranks other than 0 under torchrun), "corrupt": int, "corrupt_keys": [str]}``. Raises
+    ranks other than 0 under torchrun), "corrupt": int, "corrupt_keys": [str], "shard": LongTensor
+    (N,) (each row's index into ``urls``)}``. Raises
     :class:`EvalError` (on every process) for unlabelled samples, unreadable shards or keys seen
     twice, and for a shard that yields fewer samples than ``expected`` (its index count).
+
+    ``sink(order, keys, labels, features)``, when given, receives each batch (this process's
+    samples, ``order`` their ``(shard, position)``) instead of the result holding the features
+    (``"features"`` is then None), so memory stays bounded (:mod:`selfsup_eval.embed`);
+    ``require_labels=False`` keeps unlabelled samples, label -1.
     """
     rank, world = dist_info()
     settings = transform_settings(bb, device)
@@ -132,9 +138,14 @@ def extract(bb: Backbone, urls: list[str], *, batch_size: int = 256, device="cpu
             x = (x - mean) / std
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 f = bb.features(x)
-            chunks.append(f.float().cpu())
+            f = f.float().cpu()
+            if sink is None:
+                chunks.append(f)
+            else:
+                sink([s.order for s, _ in good], [s.key for s, _ in good],
+                     [-1 if s.label is None else s.label for s, _ in good], f)
             for s, _ in good:
-                order.append(s.order), keys.append(s.key), labels.append(s.label)
+                order.append(s.order), keys.append(s.key), labels.append(-1 if s.label is None else s.label)
         bar.update(len(samples))
 
     batch, pending = [], None
@@ -143,7 +154,7 @@ def extract(bb: Backbone, urls: list[str], *, batch_size: int = 256, device="cpu
             if s.bad_label or s.data is None:
                 problems.add_corrupt(s.key)
                 continue
-            if s.label is None:
+            if s.label is None and require_labels:
                 problems.add_unlabelled(s.key)
                 continue
             batch.append(s)
@@ -225,7 +236,8 @@ def _finish(parts: dict, desc: str, urls=(), expected: list[int] | None = None) 
     if feats is not None:
         feats = feats[torch.as_tensor(idx, dtype=torch.long)] if len(idx) else feats
     return {"key": keys, "label": torch.tensor([parts["label"][i] for i in idx], dtype=torch.long),
-            "features": feats, "corrupt": p.corrupt, "corrupt_keys": sorted(p.corrupt_keys)}
+            "features": feats, "corrupt": p.corrupt, "corrupt_keys": sorted(p.corrupt_keys),
+            "shard": torch.tensor([parts["order"][i][0] for i in idx], dtype=torch.long)}
 
 
 # ------------------------------------------------------------------------------------ cache ----
@@ -266,7 +278,8 @@ def cached_features(bb: Backbone, urls: list[str], cache_dir: str | None, *, dev
         if rank != 0 and meta[0] is not None:
             data = {**meta[0], "features": None}
     if data is not None:
-        return {k: data[k] for k in ("key", "label", "features", "corrupt", "corrupt_keys")}
+        return {k: data[k] for k in ("key", "label", "features", "corrupt", "corrupt_keys", "shard")
+                if k in data}  # "shard" (each row's shard index): cache files since issue 28
     feats = extract(bb, urls, device=device, **kw)
     if path is not None and rank == 0:
         _save(path, {"version": CACHE_VERSION, "checkpoint": bb.path, "urls": list(urls),

@@ -39,6 +39,11 @@ RETRIEVAL_KS = (1, 5, 10)
 def table(records: list[dict]) -> str:
     """A markdown-style table: k-NN top-1 per k, linear top-1/top-5, k-NN ⊕ linear, retrieval
     recall@1/5/10 and mAP@R (:mod:`selfsup_eval.retrieval`), in percent."""
+    return _grid(*table_rows(records))
+
+
+def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of :func:`table` (also the HTML report's, :mod:`selfsup_eval.html`)."""
     ks = _ks(records)
     head = ["checkpoint", "step", "objective"] + [f"kNN {k} top1" for k in ks]
     linear = any("linear" in r for r in records)
@@ -65,7 +70,7 @@ def table(records: list[dict]) -> str:
             ret = r.get("retrieval") or {}
             row += [_pct(ret.get(f"recall@{k}")) for k in RETRIEVAL_KS] + [_pct(ret.get("map@r"))]
         rows.append(row)
-    return _grid(head, rows)
+    return head, rows
 
 
 def _grid(head: list[str], rows: list[list[str]]) -> str:
@@ -83,6 +88,11 @@ def _pm(s: dict | None) -> str:
 
 def lowshot_table(records: list[dict]) -> str | None:
     """Low-shot results, one row per (checkpoint, protocol): mean ± std top-1 over the subsets."""
+    rows = lowshot_rows(records)
+    return _grid(*rows) if rows else None
+
+
+def lowshot_rows(records: list[dict]) -> tuple[list[str], list[list[str]]] | None:
     rows = []
     methods = [m for m in ("knn", "linear", "knn_linear") if any(m in p for r in records
                                                                  for p in r.get("lowshot", {}).values())]
@@ -93,7 +103,7 @@ def lowshot_table(records: list[dict]) -> str | None:
     if not rows:
         return None
     names = {"knn": "kNN top1", "linear": "linear top1", "knn_linear": "kNN⊕lin top1"}
-    return _grid(["checkpoint", "labels", "train images", "subsets"] + [names[m] for m in methods], rows)
+    return ["checkpoint", "labels", "train images", "subsets"] + [names[m] for m in methods], rows
 
 
 def _lowshot_columns(records: list[dict]) -> list[tuple[str, str]]:

@@ -5,6 +5,12 @@ through as a traceback: an error in selfsup's own code must not pass for a user'
 did while the CLIs turned every ``ValueError`` into one line. Each package's kinds subclass it:
 :mod:`selfsup.errors` for training, ``selfsup_eval.checkpoint.EvalError`` for evaluation; the two
 defined here are raised on both sides.
+
+:class:`UsageError` is what the Python API raises for bad input (``selfsup.train``,
+``selfsup_eval.evaluate``, ``selfsup_eval.embed``): its message is exactly the line the matching
+CLI prints before exiting with status 2 (``selfsup-train: error: ...`` / ``selfsup-eval: error:
+...``), because the CLIs are thin wrappers over the API and a notebook and a shell must see the
+same words.
 """
 
 from __future__ import annotations
@@ -20,3 +26,7 @@ class ShardSpecError(UserError):
 
 class TrackerError(UserError):
     """A tracker that is unknown, not installed or cannot start (one-line message)."""
+
+
+class UsageError(UserError):
+    """Bad input as the CLI's one error line (``PROG: error: ...``), raised by the Python API."""
