@@ -5,3 +5,12 @@ package, since it would shadow Python's standard ``ssl`` module (and break HTTPS
 """
 
 __version__ = "0.2.0"
+
+
+def __getattr__(name):
+    """``selfsup.train(recipe, **overrides)`` (:mod:`selfsup.api`), imported on first use."""
+    if name == "train":
+        from selfsup.api import train
+
+        return train
+    raise AttributeError(f"module 'selfsup' has no attribute {name!r}")

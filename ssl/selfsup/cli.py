@@ -40,35 +40,56 @@ def train_main(argv: list[str] | None = None) -> int:
         return 0
     if not args.items:
         parser.error("a recipe is required (e.g. recipes/tiny.yaml)")
+    from selfsup.trainer import Diverged
+    from selfsup_io.errors import UsageError
+
     try:
         recipes = [a for a in args.items if "=" not in a]
         overrides = [a for a in args.items if "=" in a]
-        cfg = load_recipe(recipes, overrides)
         if args.print_recipe:
             from omegaconf import OmegaConf
 
-            print(OmegaConf.to_yaml(cfg), end="")
+            try:
+                print(OmegaConf.to_yaml(load_recipe(recipes, overrides)), end="")
+            except UserError as e:
+                raise UsageError(f"selfsup-train: error: {e}") from None
             return 0
+        run_training(recipes, overrides, args.accept_changes)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"selfsup-train: error: {e}", file=sys.stderr)
+        return DIVERGED_EXIT_CODE
+    return 0
+
+
+def run_training(recipes, overrides=(), accept_changes: bool = False) -> str:
+    """Resolve and check the recipe(s) + ``key=value`` overrides, train, return the run directory.
+
+    The CLI and the Python API (:func:`selfsup.api.train`) both come here. A user-fixable problem
+    raises :class:`selfsup_io.errors.UsageError` whose message is the CLI's line
+    (``selfsup-train: error: ...``); a divergence raises :class:`selfsup.trainer.Diverged`.
+    """
+    from selfsup_io.errors import UsageError
+
+    try:
+        cfg = load_recipe(recipes, list(overrides))
         from selfsup.stopping import Preempted, StoppedWaiting
         from selfsup.trainer import Diverged, Trainer, end_distributed
 
-        trainer = Trainer(cfg, accept_changes=args.accept_changes)
+        trainer = Trainer(cfg, accept_changes=accept_changes)
         try:
             trainer.train()
         except StoppedWaiting:  # this rank alone, maybe with peers stuck in a collective
             raise
-        except Preempted:  # every rank stops at the same step, so every rank gets here
+        except (Preempted, Diverged):  # every rank stops at the same step, so every rank gets here
             end_distributed(trainer.acc)
             raise
-        except Diverged as e:  # likewise
-            end_distributed(trainer.acc)
-            print(f"selfsup-train: error: {e}", file=sys.stderr)
-            return DIVERGED_EXIT_CODE
         end_distributed(trainer.acc)
     except UserError as e:
-        print(f"selfsup-train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        raise UsageError(f"selfsup-train: error: {e}") from None
+    return str(cfg.run.dir)
 
 
 if __name__ == "__main__":
