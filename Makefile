@@ -12,7 +12,7 @@ RUN    := runs/demo
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv fmnist shards clean bench image image-check recipe-doc
+.PHONY: demo test venv fmnist chromium shards clean bench image image-check recipe-doc
 
 venv: $(STAMP)
 
@@ -22,8 +22,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,plot]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Headless Chromium renders report.html in the tests (tests/test_eval_report_html.py). Installed
+# from Debian when run as root with apt-get; otherwise a note, and that one test skips.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing the Debian package chromium (for the report.html test)"; \
+	  apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null 2>&1) || \
+	  echo "note: could not install chromium: the report.html browser test will skip"; \
+	else \
+	  echo "note: chromium not installed (not root): the report.html browser test will skip"; \
+	fi
 
 fmnist:
 	@if ls $(FMNIST_DIR)/*idx3-ubyte* >/dev/null 2>&1; then \

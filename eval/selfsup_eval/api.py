@@ -1,7 +1,7 @@
 """The Python API for notebooks: :func:`evaluate` and :func:`embed`.
 
 Both build the same argument namespace the CLI parses and run the CLI's own code
-(:func:`selfsup_eval.cli.run`, :func:`selfsup_eval.embed.embed_to`) under the same checks, so a
+(:func:`selfsup_eval.cli.run`, :func:`selfsup_eval.embeddings.embed_to`) under the same checks, so a
 notebook and ``selfsup-eval`` cannot drift apart. Bad input raises
 :class:`selfsup_io.errors.UsageError` whose message is exactly the line the CLI prints
 (``selfsup-eval: error: ...``). Options are the CLI's long options with ``_`` for ``-``
@@ -64,7 +64,7 @@ def embed(checkpoint, data: str, out: str | None = None, **options):
     import numpy as np
 
     from selfsup_eval import cli
-    from selfsup_eval.embed import build_parser, check_args, embed_to, read_index
+    from selfsup_eval.embeddings import build_parser, check_args, embed_to, read_index
 
     with tempfile.TemporaryDirectory(prefix="selfsup-embed-") as tmp:
         where = str(out) if out is not None else tmp

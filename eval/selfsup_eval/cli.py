@@ -378,8 +378,8 @@ def run_guarded(args, work) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["embed"]:  # its own arguments (selfsup_eval.embed)
-        from selfsup_eval.embed import main as embed_main
+    if argv[:1] == ["embed"]:  # its own arguments (selfsup_eval.embeddings)
+        from selfsup_eval.embeddings import main as embed_main
 
         return embed_main(argv[1:])
     try:

@@ -104,7 +104,7 @@ def extract(bb: Backbone, urls: list[str], *, batch_size: int = 256, device="cpu
 
     ``sink(order, keys, labels, features)``, when given, receives each batch (this process's
     samples, ``order`` their ``(shard, position)``) instead of the result holding the features
-    (``"features"`` is then None), so memory stays bounded (:mod:`selfsup_eval.embed`);
+    (``"features"`` is then None), so memory stays bounded (:mod:`selfsup_eval.embeddings`);
     ``require_labels=False`` keeps unlabelled samples, label -1.
     """
     rank, world = dist_info()
