@@ -141,3 +141,27 @@ def test_report_in_headless_chromium_loads_every_image_and_the_rows(report, tmp_
     assert images["map.png"] == (700, 600)
     assert check["rows"] == ["raw-pixels", "run@4", "run@8"]
     assert shot.returncode == 0 and (tmp_path / "page.png").stat().st_size > 10000
+
+
+def test_thumbnails_found_by_key_with_or_without_shard_hints(report):
+    from selfsup_eval.pictures import thumbnails
+    from selfsup_io.shards import resolve_shards
+
+    urls = resolve_shards(str(report.parent / "data" / "train.json")).urls  # 4 shards of 16
+    wanted = {"train-00000003": 3, "train-00000050": 50}
+    hinted = thumbnails(urls, wanted, {"train-00000003": 0, "train-00000050": 3})
+    scanned = thumbnails(urls, wanted, None)
+    assert set(hinted) == set(scanned) == set(wanted)
+    for k in wanted:
+        assert hinted[k].shape == (16, 16, 3) and np.array_equal(hinted[k], scanned[k])
+
+
+def test_knn_mode_page_shows_no_stale_pictures(report, tmp_path):
+    data = report.parent / "data"
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(report / "map.png", out / "map.png")  # left over from an earlier `all`
+    assert main(["knn", "raw-pixels", "--train", str(data / "train.json"), "--val", str(data / "val.json"),
+                 "--k", "3", "--out", str(out), "--no-cache"]) == 0
+    page = (out / "report.html").read_text()
+    assert referenced(page) == [] and "<td>raw-pixels</td>" in page

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,18 +79,31 @@ def _plt():
 
 
 def thumbnails(urls: list[str], wanted: dict[str, int], shard_of: dict[str, int] | None) -> dict:
-    """``{key: RGB uint8 array}`` for the keys in ``wanted``, reading only their shards."""
+    """``{key: RGB uint8 array}`` for the keys in ``wanted``, reading only their shards, each
+    only as far as its last wanted sample (a tar is read from its start)."""
+    from contextlib import closing
+
     from PIL import Image
 
     from selfsup_eval.data import shard_samples
     from selfsup_io import image_member
 
-    shards = sorted({shard_of[k] for k in wanted}) if shard_of else range(len(urls))
+    if shard_of:
+        plan = {}
+        for k in wanted:
+            plan.setdefault(shard_of[k], set()).add(k)
+    else:  # an older cache without per-row shards: scan until everything is found
+        plan = {si: set(wanted) for si in range(len(urls))}
     out = {}
-    for si in shards:
-        for raw in shard_samples(urls[si]):
-            key = raw["__key__"]
-            if key in wanted and key not in out:
+    for si in sorted(plan):
+        todo = plan[si] - set(out)
+        if not todo:
+            continue
+        with closing(shard_samples(urls[si])) as samples:
+            for raw in samples:
+                key = raw["__key__"]
+                if key not in todo:
+                    continue
                 try:
                     with Image.open(io.BytesIO(image_member(raw))) as img:
                         img.draft("RGB", (THUMB * 2, THUMB * 2))
@@ -98,8 +112,9 @@ def thumbnails(urls: list[str], wanted: dict[str, int], shard_of: dict[str, int]
                         out[key] = np.asarray(img)
                 except Exception:  # a corrupt image was never a row; be safe anyway
                     out[key] = np.zeros((THUMB, THUMB, 3), np.uint8)
-            if len(out) == len(wanted):
-                return out
+                todo.discard(key)
+                if not todo:
+                    break
     return out
 
 
@@ -239,18 +254,29 @@ def draw(out_dir, name: str, ftrain: dict, fval: dict, train, val, linear_pred=N
     out.mkdir(parents=True, exist_ok=True)
     names = train.class_names or val.class_names
     done = []
-    neighbours_png(out / "neighbours.png", ftrain, fval, train.urls, val.urls, names)
-    done.append(("neighbours.png", f"{name}: one val query per class (seed {SEED}) and its "
-                 f"{NEIGHBOURS} nearest train images by cosine; red frame and cross: another label."))
-    _, method = map_png(out / "map.png", fval["features"], fval["label"].numpy(), names)
-    shown = min(MAP_POINTS, len(fval["label"]))
-    done.append(("map.png", f"{name}: {method} map of {shown} val features (seed {SEED}), coloured by "
-                 "label (classes that separate here separate for the k-NN)."))
-    if linear_pred is not None:
-        confusion_png(out / "confusion.png", fval["label"].numpy(), linear_pred.cpu().numpy(), names)
+
+    def attempt(what, fn):
+        try:
+            return fn()
+        except Exception as e:  # a picture is an aid: its failure must not cost the results
+            print(f"selfsup-eval: warning: could not draw {what} ({type(e).__name__}: "
+                  f"{' '.join(str(e).split())[:200]})", file=sys.stderr)
+            return None
+
+    if attempt("neighbours.png", lambda: neighbours_png(out / "neighbours.png", ftrain, fval, train.urls,
+                                                       val.urls, names)):
+        done.append(("neighbours.png", f"{name}: one val query per class (seed {SEED}) and its "
+                     f"{NEIGHBOURS} nearest train images by cosine; red frame and cross: another label."))
+    drawn = attempt("map.png", lambda: map_png(out / "map.png", fval["features"], fval["label"].numpy(), names))
+    if drawn:
+        shown = min(MAP_POINTS, len(fval["label"]))
+        done.append(("map.png", f"{name}: {drawn[1]} map of {shown} val features (seed {SEED}), coloured "
+                     "by label (classes that separate here separate for the k-NN)."))
+    if linear_pred is not None and attempt("confusion.png", lambda: confusion_png(
+            out / "confusion.png", fval["label"].numpy(), linear_pred.cpu().numpy(), names)):
         done.append(("confusion.png", f"{name}: the linear probe's confusion matrix on val, each "
                      "row (true class) normalised to 1."))
-    if curves_png(out / "curves.png", run_dir) is not None:
+    if attempt("curves.png", lambda: curves_png(out / "curves.png", run_dir)) is not None:
         done.append(("curves.png", f"{Path(run_dir).name}: loss, learning rate, monitor k-NN top-1 "
                      "and effective rank against step, from its metrics.jsonl."))
     return done
