@@ -131,3 +131,16 @@ def test_torchrun_writes_the_one_process_order(setup, tmp_path):
     assert (one / "index.csv").read_text() == (two / "index.csv").read_text()
     np.testing.assert_allclose(np.load(two / "embeddings.npy"), np.load(one / "embeddings.npy"), rtol=1e-5, atol=1e-5)
     assert sorted(p.name for p in two.iterdir()) == ["embed.json", "embeddings.npy", "index.csv"]
+
+
+def test_a_failed_extraction_leaves_nothing_in_out(setup, tmp_path, capsys):
+    root, train, _, ckpt = setup
+    index = json.loads(train.read_text())
+    index["shards"][0]["num_samples"] += 1  # the index promises a sample the tar does not hold
+    index["num_samples"] += 1
+    bad = train.parent / "promised.json"
+    bad.write_text(json.dumps(index))
+    out = tmp_path / "o"
+    assert main(["embed", str(ckpt), "--data", str(bad), "--out", str(out), "--no-cache"]) == 2
+    assert "index says 17" in capsys.readouterr().err
+    assert list(out.iterdir()) == []

@@ -118,15 +118,18 @@ def _write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _index_csv(keys, labels, shards, urls) -> str:
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["row", "key", "label", "shard"])
-    for i, (k, y, s) in enumerate(zip(keys, labels, shards)):
-        w.writerow([i, k, "" if int(y) < 0 else int(y), urls[int(s)]])
-    return buf.getvalue()
+def _write_index(path: Path, keys, labels, shards, urls) -> None:
+    """``index.csv``, streamed to a temporary name, then renamed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["row", "key", "label", "shard"])
+            for i, (k, y, s) in enumerate(zip(keys, labels, shards)):
+                w.writerow([i, k, "" if y < 0 else y, urls[s]])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def embed_to(args) -> dict:
@@ -173,8 +176,11 @@ def embed_to(args) -> dict:
             res = extract(bb, data.urls, batch_size=args.batch_size, device=args.device,
                           desc=f"{bb.name} embed", total=data.num_samples, workers=args.workers,
                           expected=data.shard_sizes, sink=part, require_labels=False)
-        finally:
+        except BaseException:  # nothing half-written left in --out
             part.file.close()
+            part.path.unlink(missing_ok=True)
+            raise
+        part.file.close()
         np.save(out / f".part-{rank}.order.npy", np.asarray(part.order, dtype=np.int64).reshape(-1, 2))
         if world > 1:
             import torch.distributed as dist
@@ -209,7 +215,7 @@ def embed_to(args) -> dict:
         raise EvalError(f"--data {args.data}: no decodable samples")
     try:
         _write_npy(out / "embeddings.npy", n, dim, args.dtype, rows)
-        _write_text(out / "index.csv", _index_csv(keys, labels.tolist(), shards.tolist(), data.urls))
+        _write_index(out / "index.csv", keys, labels.tolist(), shards.tolist(), data.urls)
         info = {"checkpoint": path, "checkpoint_sha256": bb.digest, "name": bb.name, "step": bb.step,
                 "objective": bb.meta.get("objective"), "data": args.data, "shards": list(data.urls),
                 "class_names": data.class_names, "rows": n, "dim": int(dim), "dtype": args.dtype,
