@@ -49,6 +49,24 @@ PROTOCOL = ("protocol: frozen backbone in eval mode | resize shorter side + cent
 DEFAULT_KS = (10, 20, 100, 200)
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """How to read another framework's checkpoint (shared with ``selfsup-eval embed``)."""
+    g = p.add_argument_group("checkpoints of other frameworks (a file without selfsup metadata)")
+    g.add_argument("--model", metavar="TIMM_NAME", default=None,
+                   help="timm model the file's backbone fits (plain/torchvision/timm state dicts, official "
+                   "MoCo, DINO, I-JEPA, solo-learn, lightly layouts; docs/formats.md)")
+    g.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help="timm.create_model keyword arguments, e.g. '{\"class_token\": false, \"global_pool\": \"avg\"}'")
+    g.add_argument("--checkpoint-key", default=None, metavar="KEY",
+                   help="the entry holding the state dict (default: detected, e.g. state_dict, teacher)")
+    g.add_argument("--prefix", default=None, metavar="PREFIX",
+                   help="name prefix of the backbone's weights (default: detected, e.g. module.encoder_q.)")
+    g.add_argument("--input-size", type=int, default=None, metavar="N",
+                   help="input side (default: timm's pretrained config of the model)")
+    g.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean (default: timm's)")
+    g.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std (default: timm's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfsup-eval", description="k-NN and linear probes of "
                                 "exported selfsup backbones on labelled WebDataset shards ("
@@ -92,24 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="image-decoding threads (default min(4, CPUs))")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """How to read another framework's checkpoint (shared with ``selfsup-eval embed``)."""
-    g = p.add_argument_group("checkpoints of other frameworks (a file without selfsup metadata)")
-    g.add_argument("--model", metavar="TIMM_NAME", default=None,
-                   help="timm model the file's backbone fits (plain/torchvision/timm state dicts, official "
-                   "MoCo, DINO, I-JEPA, solo-learn, lightly layouts; docs/formats.md)")
-    g.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON",
-                   help="timm.create_model keyword arguments, e.g. '{\"class_token\": false, \"global_pool\": \"avg\"}'")
-    g.add_argument("--checkpoint-key", default=None, metavar="KEY",
-                   help="the entry holding the state dict (default: detected, e.g. state_dict, teacher)")
-    g.add_argument("--prefix", default=None, metavar="PREFIX",
-                   help="name prefix of the backbone's weights (default: detected, e.g. module.encoder_q.)")
-    g.add_argument("--input-size", type=int, default=None, metavar="N",
-                   help="input side (default: timm's pretrained config of the model)")
-    g.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean (default: timm's)")
-    g.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std (default: timm's)")
 
 
 def _json_object(text: str) -> dict:
