@@ -57,7 +57,7 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         head += [f"R@{k}" for k in RETRIEVAL_KS] + ["mAP@R"]
     rows = []
     for r in records:
-        row = [r["name"], str(r["step"]), str(r.get("objective") or "-")]
+        row = [r["name"], str(r.get("step", "-")), str(r.get("objective") or "-")]
         row += [_pct(r.get("knn", {}).get(k)) for k in ks]
         if linear:
             lin = r.get("linear") or {}
