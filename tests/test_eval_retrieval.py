@@ -44,7 +44,7 @@ def data(seed=0):
 
 def run(train_x, train_y, query_x, query_y, max_r=MAX_R, chunk_size=7, ks=(3,)):
     acc = Retrieval(train_y, query_y, max_r=max_r)
-    knn_classify(train_x, train_y, query_x, ks=ks, extra_k=acc.k, on_chunk=acc, chunk_size=chunk_size)
+    knn_classify(train_x, train_y, query_x, ks=ks, extra_k=acc.search_k, on_chunk=acc, chunk_size=chunk_size)
     return acc.result()
 
 

@@ -34,7 +34,7 @@ def probe(args, record: dict, ftrain: dict, fval: dict, baseline: bool, extras: 
     if "knn" in methods:
         retrieval = Retrieval(ftrain["label"], fval["label"])  # from the same neighbour search
         ranked = knn_classify(ftrain["features"].to(dev), ftrain["label"], fval["features"].to(dev),
-                              ks=args.k, temperature=args.temperature, extra_k=retrieval.k,
+                              ks=args.k, temperature=args.temperature, extra_k=retrieval.search_k,
                               on_chunk=retrieval)
         record["knn"] = {f"k={k}": topk_accuracy(r, fval["label"], 1) for k, r in ranked.items()}
         record["knn_top5"] = {f"k={k}": topk_accuracy(r, fval["label"], 5) for k, r in ranked.items()}

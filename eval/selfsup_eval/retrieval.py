@@ -16,8 +16,9 @@ serves the votes and these metrics, so retrieval costs a longer ``topk``, not a 
 
 Ties: ``topk`` orders equal similarities arbitrarily, and duplicate images (raw pixels; the same
 photo twice) make exact ties common. Here equal similarities are ordered by gallery index, lower
-first, including at the cut-off of the neighbour list (a row whose cut-off value is shared by
-neighbours left out is re-sorted whole), so the metrics do not depend on the device or the chunk.
+first, including at the cut-off of the neighbour list (the search returns one neighbour more; when
+it ties with the last one kept, that row is sorted whole), so the metrics do not depend on the
+device or the chunking.
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ MAX_R = 1000
 RECALL_KS = (1, 5, 10)
 
 
-def ordered(scores: torch.Tensor, sims: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``idx`` with equal similarities in gallery-index order, the cut-off made exact too."""
+def ordered(scores: torch.Tensor, sims: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` of ``idx`` with equal similarities in gallery-index order, the cut-off made
+    exact too. ``sims``/``idx``: a top list of more than ``k`` columns when the gallery has more
+    than ``k`` images (the one after the cut says whether a tie crosses it)."""
+    cut = sims[:, k] == sims[:, k - 1] if sims.shape[1] > k else None
+    idx, sims = idx[:, :k], sims[:, :k]
     o = idx.argsort(dim=1)
     idx, sims = idx.gather(1, o), sims.gather(1, o)
     o = sims.argsort(dim=1, descending=True, stable=True)
-    idx, sims = idx.gather(1, o), sims.gather(1, o)
-    k = idx.shape[1]
-    cut = (scores >= sims[:, -1:]).sum(1) > k  # a tie at the cut-off reaches beyond the list
-    for r in cut.nonzero().flatten().tolist():
-        idx[r] = scores[r].sort(descending=True, stable=True).indices[:k]
+    idx = idx.gather(1, o)
+    if cut is not None:  # a tie reaches beyond the list: that row is sorted whole
+        for r in cut.nonzero().flatten().tolist():
+            idx[r] = scores[r].sort(descending=True, stable=True).indices[:k]
     return idx
 
 
@@ -54,11 +58,13 @@ class Retrieval:
         self.recall_ks = [k for k in RECALL_KS if k <= n]
         #: neighbours each query needs: the largest recall k and the largest (capped) R
         self.k = min(n, max(max(RECALL_KS), min(self.max_r, int(self.counts.max()))))
+        #: what to ask the k-NN's search for: one more, to see whether a tie crosses the cut
+        self.search_k = min(n, self.k + 1)
         self.hits = {k: 0 for k in self.recall_ks}
         self.ap_sum, self.n = 0.0, 0
 
     def __call__(self, start: int, scores: torch.Tensor, sims: torch.Tensor, idx: torch.Tensor) -> None:
-        idx = ordered(scores, sims[:, :self.k], idx[:, :self.k])
+        idx = ordered(scores, sims, idx, self.k)
         dev = idx.device
         y = self.query_y[start:start + len(idx)].to(dev)
         rel = self.train_y.to(dev)[idx] == y[:, None]
