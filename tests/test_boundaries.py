@@ -35,15 +35,27 @@ def imports(path: Path, name: str) -> set[str]:
             if node.level:
                 base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
                                 + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
+            subs = {f"{base}.{alias.name}" for alias in node.names}
+            found.update(subs)
+            # ``from pkg import module`` needs pkg's submodule, not what pkg's __init__ defines
+            found.add((base, frozenset(subs)))
     return found
 
 
 def graph() -> dict[str, set[str]]:
     mods = modules()
-    return {name: {m for m in imports(path, name) if m in mods and m != name}
-            for name, path in mods.items()}
+
+    def deps(path, name):
+        out = set()
+        for item in imports(path, name):
+            if isinstance(item, tuple):
+                base, subs = item
+                if not subs <= set(mods):
+                    out.add(base)
+            else:
+                out.add(item)
+        return {m for m in out if m in mods and m != name}
+    return {name: deps(path, name) for name, path in mods.items()}
 
 
 def test_trainer_and_evaluator_do_not_import_each_other():

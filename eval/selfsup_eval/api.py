@@ -41,6 +41,7 @@ def evaluate(checkpoints, *, train: str, val: str, protocols=("knn", "linear", "
     (``knn``, ``linear``, ``knn_linear``: the CLI's ``all``, with the pictures when ``out`` is set).
     """
     from selfsup_eval import cli
+    from selfsup_eval.common import guarded
 
     if isinstance(checkpoints, (str, Path)):
         checkpoints = [checkpoints]
@@ -51,7 +52,7 @@ def evaluate(checkpoints, *, train: str, val: str, protocols=("knn", "linear", "
     args = _namespace(p, [mode, *map(str, checkpoints), "--train", str(train), "--val", str(val)], options,
                       ("mode", "checkpoints", "train", "val"))
     args = cli.check(args, p.error)
-    return cli.guarded(args, lambda: cli.run(args))
+    return guarded(args, lambda: cli.run(args))
 
 
 def embed(checkpoint, data: str, out: str | None = None, **options):
@@ -63,7 +64,7 @@ def embed(checkpoint, data: str, out: str | None = None, **options):
     """
     import numpy as np
 
-    from selfsup_eval import cli
+    from selfsup_eval.common import guarded
     from selfsup_eval.embeddings import build_parser, check_args, embed_to, read_index
 
     with tempfile.TemporaryDirectory(prefix="selfsup-embed-") as tmp:
@@ -72,7 +73,7 @@ def embed(checkpoint, data: str, out: str | None = None, **options):
         args = _namespace(p, [str(checkpoint), "--data", str(data), "--out", where], options,
                           ("checkpoint", "data", "out"))
         check_args(args, p.error)
-        info = cli.guarded(args, lambda: embed_to(args))
+        info = guarded(args, lambda: embed_to(args))
         if info is None:  # a torchrun process other than rank 0
             return None, None
         arr = np.load(Path(where) / "embeddings.npy", mmap_mode="r" if out is not None else None)

@@ -41,7 +41,7 @@ FILES = ("embeddings.npy", "index.csv", "embed.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from selfsup_eval.cli import add_model_arguments
+    from selfsup_eval.common import add_model_arguments
 
     p = argparse.ArgumentParser(prog="selfsup-eval embed", description="Write every sample's feature "
                                 "(the probes' protocol and cache) as DIR/embeddings.npy + index.csv + embed.json.")
@@ -135,7 +135,7 @@ def _write_index(path: Path, keys, labels, shards, urls) -> None:
 def embed_to(args) -> dict:
     """The whole command after parsing (every process): returns what ``embed.json`` holds
     (on rank 0; the other processes get None). Raises :class:`EvalError` for bad input."""
-    from selfsup_eval.cli import check_checkpoint, load_any, prepare_raw, resolve
+    from selfsup_eval.common import check_checkpoint, load_any, prepare_raw, resolve
 
     rank, world = dist_info()
     data = resolve(args.data, "data")
@@ -238,7 +238,7 @@ def read_index(path) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    from selfsup_eval.cli import run_guarded
+    from selfsup_eval.common import run_guarded
 
     p = build_parser()
     try:

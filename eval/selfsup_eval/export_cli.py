@@ -130,7 +130,7 @@ def write_export(model: torch.nn.Module, meta: dict, out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from selfsup_eval.cli import _json_object
+    from selfsup_eval.common import _json_object
 
     p = argparse.ArgumentParser(prog="selfsup-export", description="Write a backbone checkpoint (a selfsup "
                                 "training checkpoint, or another framework's with --model) as a selfsup export.")

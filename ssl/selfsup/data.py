@@ -243,7 +243,8 @@ def _one_line_errors(loader: DataLoader):
         yield from loader
     except DataError as e:
         last = str(e).strip().splitlines()[-1]
-        raise DataError(last.split(": ", 1)[1] if last.startswith("selfsup.data.DataError: ") else last) from None
+        prefix = f"{DataError.__module__}.{DataError.__qualname__}: "  # how the worker printed it
+        raise DataError(last[len(prefix):] if last.startswith(prefix) else last) from None
 
 
 def _collate(samples: list[dict], views: list[ViewSpec]) -> dict:
