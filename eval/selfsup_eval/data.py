@@ -39,6 +39,7 @@ from PIL import Image
 
 from selfsup_io import BadLabel, image_member, label_member
 from selfsup_io.images import check_pixels, to_8bit
+from selfsup_io.jpeg_check import check_jpeg
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
@@ -103,6 +104,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def decode(data: bytes, size: int | None, channels: int) -> torch.Tensor:
     """Image bytes → uint8 (channels, size, size) (native size when ``size`` is None)."""
+    check_jpeg(data)  # a JPEG that ends early decodes to grey without an error in PIL
     with Image.open(io.BytesIO(data)) as img:
         if size is not None and img.format in ("JPEG", "MPO"):  # MPO: cameras' multi-picture JPEG
             r = next(r for r in (8, 4, 2, 1) if min(img.size) // r >= size or r == 1)

@@ -39,6 +39,7 @@ from selfsup_io.shards import ShardSet, resolve_shards
 from selfsup.views import ViewSpec, sample_boxes, sample_rng, view_size
 from selfsup_io import BadLabel, image_member, label_member
 from selfsup_io.images import check_pixels
+from selfsup_io.jpeg_check import check_jpeg
 
 DECODE_MODES = ("cpu", "device")
 
@@ -181,6 +182,7 @@ class ShardStream(IterableDataset):
         if data is None:
             raise ValueError(f"sample {sample.get('__key__')} has no image member")
         img = open_image(data)
+        check_jpeg(data)  # ends early: PIL and nvJPEG/torchvision would return grey, no error
         width, height = img.size
         boxes = sample_boxes(p.views, height, width,
                              sample_rng(p.seed, p.epoch, p.rank, role, drawn))

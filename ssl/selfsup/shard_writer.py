@@ -51,6 +51,7 @@ from PIL import Image
 
 from selfsup_io.progress import Progress
 from selfsup_io.images import check_pixels, to_8bit
+from selfsup_io.jpeg_check import check_jpeg
 from selfsup_io.shards import INDEX_FORMAT, SHARD_NAME
 from selfsup.folder_walk import class_files
 
@@ -145,10 +146,11 @@ def _folder_member(data: bytes, image_format: str, max_side: int | None, quality
             ext, copy = "jpg", fmt in ("JPEG", "MPO") and img.mode in ("L", "RGB")
         else:
             ext, copy = "png", False
+        if copy and (max_side is None or max(img.size) <= max_side):
+            return ext, data  # the original file, no second lossy encoding
+        check_jpeg(data)  # re-encoding a JPEG that ends early would store its grey as good data
         if max_side is not None and max(img.size) > max_side:
             return ext, _save(_downscale(img, max_side), ext, quality)
-        if copy:
-            return ext, data  # the original file, no second lossy encoding
         return ext, _save(img, ext, quality)
 
 
