@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from selfsup_io.weights import weight_problem
+
 RAW = "raw-pixels"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model_name", "model_kwargs", "input_size", "mean", "std")
@@ -220,7 +222,10 @@ def load_backbone(path: str, raw_size: int | None = None) -> Backbone:
     meta = read_metadata(p)
     model = build_model(meta)
     try:
-        model.load_state_dict(load_file(str(p)))
+        weights = load_file(str(p))
+        if (why := weight_problem(weights, model.state_dict())) is not None:
+            raise EvalError(f"{path}: {why}: refusing to evaluate it")
+        model.load_state_dict(weights)
     except RuntimeError as e:
         reason = " ".join(str(e).split())
         raise EvalError(f"{path}: weights do not fit {meta['model_name']} "

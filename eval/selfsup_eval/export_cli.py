@@ -129,6 +129,18 @@ def write_export(model: torch.nn.Module, meta: dict, out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _read_file_at(source: Path, out: Path) -> Path | None:
+    """The input file that ``out`` already is (the same file, through any link), or None: the
+    SOURCE file itself, or any file of the training checkpoint SOURCE names."""
+    if not out.exists():
+        return None
+    ckpt = source if not source.is_dir() or (source / TRAINER_FILE).is_file() else latest_checkpoint(source)
+    inputs = [source] if not source.is_dir() else [f for f in (ckpt.rglob("*") if ckpt else []) if f.is_file()]
+    if source.is_dir():
+        inputs.append(source / "recipe.yaml")
+    return next((f for f in inputs if f.exists() and os.path.samefile(f, out)), None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from selfsup_eval.common import _json_object
 
@@ -155,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         source, out = Path(args.source), Path(args.out)
         if not source.exists():
             raise EvalError(f"not found: {source}")
+        if (same := _read_file_at(source, out)) is not None:
+            raise EvalError(f"{out} is {same}, which this command reads: writing it would destroy "
+                            "the source; name another output file")
         if source.is_dir():
             model, meta, note = from_training_checkpoint(source)
         elif has_selfsup_metadata(source):

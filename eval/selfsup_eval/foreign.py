@@ -36,6 +36,7 @@ from torch import nn
 from selfsup_eval.checkpoint import (Backbone, EvalError, check_feature_dim, file_digest,
                                      validate_metadata)
 from selfsup_eval.safe_load import load_file
+from selfsup_io.weights import weight_problem
 
 STATE_KEYS = ("state_dict", "model", "teacher", "target_encoder", "encoder", "model_state", "module",
               "net", "network", "student")
@@ -147,6 +148,8 @@ def load_weights(model: nn.Module, state: dict, where: str, prefix: str | None =
         raise EvalError(f"{where}: {len(missing)} of the model's {len(model.state_dict())} weights would stay "
                         f"uninitialised (e.g. {', '.join(missing[:3])}) with prefix {m['prefix']!r}{hint}: "
                         "not a backbone of this model (check --model/--model-kwargs, --checkpoint-key, --prefix)")
+    if (why := weight_problem(m["mapped"], model.state_dict())) is not None:
+        raise EvalError(f"{where}: {why}: refusing to use it")
     model.load_state_dict(m["mapped"], strict=False)
     return m
 

@@ -30,6 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from selfsup.errors import CheckpointError, StorageError  # noqa: F401  (also imported from here)
+from selfsup.integrity import damage, write_checksums
+from selfsup_io.weights import weight_problem
 
 STEP_DIR = re.compile(r"^step-(\d{9})$")
 TRAINER_FILE = "trainer.json"
@@ -116,6 +118,11 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
             if recipe is not None:
                 _write_synced(tmp / "recipe.yaml", recipe)
             _write_synced(tmp / TRAINER_FILE, json.dumps(trainer_state, indent=1))
+            mode = 0o666 & ~umask()  # safetensors writes 0600: every file follows the umask
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    os.chmod(f, mode)
+            write_checksums(tmp)  # verified on load (selfsup.integrity)
     except Exception as e:
         err = storage_error(e, tmp, f"it resumes from {previous[-1]}" if previous else
                             "no checkpoint was written before this one")
@@ -183,13 +190,35 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
         rank_state = load_rank_state(path, accelerator.process_index) if same_world else None
         if same_world and rank_state is None:
             raise FileNotFoundError(f"rank-{accelerator.process_index}.safetensors is missing")
+        if (why := damage(path)) is not None:
+            raise CheckpointError(f"checkpoint {path} cannot be loaded (damaged: {why})")
         accelerator.load_state(str(path))
+        if (why := _loaded_weight_problem(accelerator, path)) is not None:
+            raise CheckpointError(f"checkpoint {path} cannot be loaded ({why})")
     except CheckpointError:
         raise
     except Exception as e:
         reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({reason[:300]})") from None
     return trainer_state, rank_state
+
+
+def _loaded_weight_problem(accelerator, path: Path) -> str | None:
+    """What is wrong with the weights just loaded (NaN/inf), or with the dtypes in the file
+    (an integer tensor is cast into a float parameter silently); None when they are fine."""
+    file = path / "model.safetensors"
+    for model in accelerator._models:
+        state = model.state_dict()
+        if file.is_file():
+            with safe_open(str(file), "pt") as f:
+                for k in f.keys():
+                    want = state.get(k) if k in state else state.get(f"module.{k}")
+                    if want is not None and want.is_floating_point() and f.get_slice(k).get_dtype() not in \
+                            ("F16", "BF16", "F32", "F64"):
+                        return f"weight {k} has dtype {f.get_slice(k).get_dtype()}, not a floating type"
+        if (why := weight_problem(state)) is not None:
+            return why
+    return None
 
 
 def export_backbone(backbone: torch.nn.Module, run_dir: str | Path, metadata: dict) -> Path:

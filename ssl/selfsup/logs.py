@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -21,6 +22,28 @@ def _value(v):
     return v
 
 
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` (and a line torn by a kill) from ``path``. A run
+    resumed from the checkpoint of ``step`` computes the later steps again; kept, they would
+    appear twice, with the first run's values, in every reader of the file."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+
+    def keep(line: str) -> bool:
+        try:
+            return line.endswith("\n") and int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    kept = [line for line in lines if keep(line)]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class MetricsLog:
     """Append-only JSONL, one record per logging step, copied to the trackers; main process only.
 
@@ -28,7 +51,7 @@ class MetricsLog:
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool = True, trackers=(),
-                 project: str = "selfsup", config: dict | None = None):
+                 project: str = "selfsup", config: dict | None = None, step: int | None = None):
         self.enabled = enabled
         self.trackers = None
         if not enabled:
@@ -36,6 +59,8 @@ class MetricsLog:
         run_dir = Path(run_dir)
         self.path = run_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if step is not None:
+            truncate_after(self.path, step)
         self.file = open(self.path, "a", buffering=1)
         try:
             self.trackers = Trackers(trackers, run_dir, project, run_dir.resolve().name, config)

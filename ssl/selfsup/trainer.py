@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from selfsup import checkpoint as ckpt
 from selfsup import resume as resuming
+from selfsup.integrity import damage
 from selfsup import rundir
 from selfsup.collective import any_rank
 from selfsup.config import RecipeError
@@ -180,9 +181,11 @@ class Trainer:
         raise Diverged(self._diverged(f"weight {name} is NaN/inf at step {self.state['step']}"))
 
     def _diverged(self, what: str) -> str:
-        last = ckpt.resolve_resume("auto", self.run_dir)
-        where = (f"the last good checkpoint is {last}, where the same command resumes (resume=auto)"
-                 if last else "no checkpoint was written before it")
+        # the newest checkpoint whose files still match their checksums: a damaged one is no
+        # place to resume from, and resume=auto would pass over it too (selfsup.integrity)
+        last = next((p for p in reversed(ckpt.list_checkpoints(self.run_dir)) if damage(p) is None), None)
+        where = (f"the newest checkpoint that passes its checksums is {last}, where the same command "
+                 "resumes (resume=auto)" if last else "no intact checkpoint was written before it")
         return (f"training diverged: {what}; nothing was written for this step and {where}; "
                 "to resume with a lower optim.lr, optim.clip_grad (e.g. 1.0) or "
                 "train.precision=fp32, add those overrides and --accept-changes")
@@ -246,7 +249,8 @@ class Trainer:
         log, error = None, None
         try:
             log = MetricsLog(self.run_dir, enabled=acc.is_main_process, trackers=cfg.log.trackers,
-                             project=cfg.log.project, config=OmegaConf.to_container(cfg, resolve=True))
+                             project=cfg.log.project, config=OmegaConf.to_container(cfg, resolve=True),
+                             step=self.state["step"])  # a resume's steps are logged once
         except TrackerError as e:
             error = e
         if any_rank(acc, error is not None):
