@@ -34,6 +34,7 @@ from selfsup_eval.common import (add_model_arguments, check_checkpoint, check_cl
                                  load_any, prepare_raw, resolve, run_guarded)
 from selfsup_eval.features import cached_features, default_cache_dir, dist_info
 from selfsup_eval.probes import probe
+from selfsup_eval.sample_checks import DEFAULT_MAX_CORRUPT_FRACTION, check_corrupt_fraction
 
 PROTOCOL = ("protocol: frozen backbone in eval mode | resize shorter side + centre-crop to the "
             "checkpoint's input_size, [0,1], its mean/std, its pooling; {precision} | k-NN: cosine "
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p)
     p.add_argument("--raw-size", type=int, default=None, metavar="N",
                    help="raw-pixels: resize + centre-crop to N (default: native size)")
+    p.add_argument("--max-corrupt-fraction", type=float, default=DEFAULT_MAX_CORRUPT_FRACTION, metavar="F",
+                   help="more unreadable samples than this fraction of a split is an error (default "
+                   f"{DEFAULT_MAX_CORRUPT_FRACTION}; selfsup_eval.sample_checks)")
     p.add_argument("--out", metavar="DIR", help="write results.json, results.csv, accuracy_vs_step.png, "
                    "report.html and (mode all) the last checkpoint's pictures (docs/inspect.md)")
     p.add_argument("--no-pictures", action="store_true",
@@ -116,6 +120,8 @@ def check(args, error):
         error("--input-size must be positive")
     if args.subsets < 1:
         error("--subsets must be at least 1")
+    if not 0 <= args.max_corrupt_fraction <= 1:
+        error("--max-corrupt-fraction must be in [0, 1]")
     if not args.knn_loss >= 0:
         error("--knn-loss must be 0 (off) or positive")
     if args.trackers:
@@ -163,6 +169,8 @@ def evaluate(args) -> list[dict]:
         fval = cached_features(bb, val.urls, cache, desc=f"{bb.name} val", total=val.num_samples,
                                expected=val.shard_sizes, **kw)
         bb.model = None  # free the weights before the next checkpoint
+        for feats, split in ((ftrain, "train"), (fval, "val")):
+            check_corrupt_fraction(feats, split, args.max_corrupt_fraction, bb.name)
         n_train, n_val = len(ftrain["label"]), len(fval["label"])
         if n_train == 0 or n_val == 0:
             raise EvalError(f"no decodable labelled samples in the {'train' if n_train == 0 else 'val'} shards")
@@ -193,7 +201,10 @@ def run(args) -> list[dict]:
     records = evaluate(args)
     if dist_info()[0] == 0:
         precision = "bf16 autocast (GPU)" if args.device.startswith("cuda") else "fp32 (CPU)"
-        protocol = PROTOCOL.format(precision=precision, temperature=args.temperature)
+        counts = sorted({(r["train_samples"], r["val_samples"]) for r in records})
+        protocol = (PROTOCOL.format(precision=precision, temperature=args.temperature) + " | samples: " +
+                    ("; ".join(f"train {t}, val {v}" for t, v in counts) if len(counts) < 3 else
+                     "per checkpoint in results.json"))
         print(protocol)
         print(report.table(records))
         low = report.lowshot_table(records)

@@ -14,9 +14,11 @@ Public shards come in several layouts (docs/formats.md); all of these are read a
 from __future__ import annotations
 
 import json
+import math
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "bmp", "tif", "tiff")
 JSON_LABEL_FIELDS = ("label", "cls", "class", "target")
+INT64_MAX = 2**63 - 1
 
 
 class BadLabel(ValueError):
@@ -44,12 +46,19 @@ def image_member(sample: dict) -> bytes | None:
 
 
 def _int_label(value, where: str) -> int:
+    """A class index: a non-negative integer that fits int64. A float is accepted only when it is
+    integral (``3.0``); ``2.7`` would otherwise become class 2 and ``Infinity`` or ``10**30``
+    an OverflowError deep inside torch (issue 30)."""
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise BadLabel(f"{where} {value!r} is not an integer label")
     try:
         label = int(value.decode("ascii").strip() if isinstance(value, bytes) else value)
-    except (UnicodeDecodeError, ValueError, TypeError, AttributeError):
+    except (UnicodeDecodeError, ValueError, TypeError, AttributeError, OverflowError):
         raise BadLabel(f"{where} is not an integer label") from None
     if label < 0 or isinstance(value, bool):
         raise BadLabel(f"{where} is not a non-negative integer label")
+    if label > INT64_MAX:
+        raise BadLabel(f"{where} does not fit a 64-bit class index")
     return label
 
 
@@ -62,6 +71,8 @@ def label_member(sample: dict) -> int | None:
             meta = json.loads(meta)
         except (ValueError, UnicodeDecodeError):
             raise BadLabel("json is not valid JSON") from None
+        except RecursionError:  # 100,000 nested '[': the parser's recursion limit
+            raise BadLabel("json is nested too deeply") from None
         if isinstance(meta, dict):
             for field in JSON_LABEL_FIELDS:
                 if meta.get(field) is not None:
