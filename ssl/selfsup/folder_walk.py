@@ -3,7 +3,11 @@
 torchvision's ``make_dataset`` follows links to directories with ``os.walk(followlinks=True)``
 and nothing else: a link back up (``dog/loop -> ..``) made 8 images 328 samples and labelled the
 cat images dog. Here links are still followed (data sets assembled from links are common), but
-never into a real folder already read or queued.
+never into a real folder already read or queued; a *file* link into another class's folder
+(``c1/stolen.jpg -> ../c0/0.jpg``, one image under two labels), or to a file already listed, is
+skipped and named the same way. Image files are those with torchvision's extensions plus
+``.gif`` (re-encoded as PNG by the writer, as docs/formats.md says); every other file is named
+as not written, never dropped silently.
 """
 
 from __future__ import annotations
@@ -12,15 +16,23 @@ import os
 from pathlib import Path
 
 
-def class_files(root: Path, class_to_idx: dict) -> tuple[list[tuple[str, int]], list[str]]:
+IMAGE_EXTENSIONS = (".gif",)  # besides torchvision's IMG_EXTENSIONS (which lack it)
+
+
+def class_files(root: Path, class_to_idx: dict,
+                ignored: list | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """(file, label) of the image files under each class folder, in torchvision's
-    ``make_dataset`` order, and the directory links skipped. Links to directories are followed,
+    ``make_dataset`` order, and the links skipped. Links to directories are followed,
     but never into a real folder already read or queued (a class folder, the root, an ancestor):
-    ``dog/loop -> ..`` once made 8 images 328 samples and labelled the cat images dog."""
+    ``dog/loop -> ..`` once made 8 images 328 samples and labelled the cat images dog. File
+    links into another class's folder or to a file already listed are skipped too. Files that
+    are not images by their extension are appended to ``ignored`` (relative paths)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     tops = {c: os.path.join(root, c) for c in class_to_idx}
     seen = {os.path.realpath(root)} | {os.path.realpath(d) for d in tops.values()}
+    real_tops = {c: os.path.realpath(d) + os.sep for c, d in tops.items()}
+    files_seen: set[str] = set()
     samples, skipped = [], []
     for c in sorted(class_to_idx):
         found = []
@@ -36,8 +48,19 @@ def class_files(root: Path, class_to_idx: dict) -> tuple[list[tuple[str, int]], 
             dirs[:] = keep
             found.append((folder, files))
         for folder, files in sorted(found):
-            samples += [(os.path.join(folder, f), class_to_idx[c]) for f in sorted(files)
-                        if has_file_allowed_extension(f, IMG_EXTENSIONS)]
+            for f in sorted(files):
+                path = os.path.join(folder, f)
+                if not has_file_allowed_extension(f, IMG_EXTENSIONS + IMAGE_EXTENSIONS):
+                    if ignored is not None:
+                        ignored.append(os.path.relpath(path, root))
+                    continue
+                real = os.path.realpath(path)
+                other = next((o for o, t in real_tops.items() if o != c and real.startswith(t)), None)
+                if os.path.islink(path) and (other is not None or real in files_seen):
+                    skipped.append(os.path.relpath(path, root))  # one image, one label
+                    continue
+                files_seen.add(real)
+                samples.append((path, class_to_idx[c]))
     empty = sorted(set(class_to_idx) - {os.path.relpath(f, root).split(os.sep)[0] for f, _ in samples})
     if empty:
         raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")

@@ -164,10 +164,16 @@ def _folder_source(path: Path, image_format: str, max_side: int | None, quality:
     from torchvision.datasets.folder import find_classes
 
     classes, class_to_idx = find_classes(str(path))
-    samples, links = class_files(path, class_to_idx)
+    ignored: list[str] = []
+    samples, links = class_files(path, class_to_idx, ignored)
     if links:
         print(f"selfsup-shards: warning: not following {len(links)} link(s) to folders already "
-              f"read (e.g. {links[0]}): every folder is read once, under its own class", file=sys.stderr)
+              f"read, or to files of another class or already listed ({', '.join(links[:5])}"
+              f"{', ...' if len(links) > 5 else ''}): every folder and image is read once, under "
+              "its own class", file=sys.stderr)
+    if ignored:
+        print(f"selfsup-shards: warning: not writing {len(ignored)} file(s) without an image "
+              f"extension: {', '.join(ignored[:5])}{', ...' if len(ignored) > 5 else ''}", file=sys.stderr)
 
     def items():
         for file, label in samples:
