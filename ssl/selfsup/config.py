@@ -60,7 +60,10 @@ class DataConfig:
 class AugmentConfig:
     """Two-view (SimCLR-style) augmentation, applied per sample on the whole batch."""
 
-    size: int = key(32, "side of every view (px)", check=at_least(2))
+    # at most selfsup-eval's limit on an export's input_size (selfsup_eval.checkpoint.MAX_INPUT_SIZE;
+    # 100,000 used to surface as "none of the images could be decoded")
+    size: int = key(32, "side of every view (px), at most the largest input an export may have",
+                    check=at_most(2, 2048))
     scale: List[float] = key(doc="RandomResizedCrop area range, over the whole original image",
                              check=pair(0, 1), factory=lambda: [0.08, 1.0])
     ratio: List[float] = key(doc="RandomResizedCrop aspect range", check=pair(0), factory=lambda: [3 / 4, 4 / 3])

@@ -71,6 +71,19 @@ def warmup_notes(optim, global_batch: int) -> list[str]:
     return []
 
 
+def schedule_problems(optim, global_batch: int) -> list[str]:
+    """Errors of the lr schedule once the global batch is known: ``min_lr`` is absolute while
+    the peak follows the batch, and a ``min_lr`` above the peak turns the cosine decay into a
+    climb (an lr of 7.5 by the end of a run was seen)."""
+    from selfsup.schedules import scaled_lr
+
+    peak = scaled_lr(optim.lr, global_batch, optim.lr_scaling)
+    if optim.min_lr > peak:
+        return [f"optim.min_lr must be <= the peak lr {peak:.4g} (optim.lr={optim.lr:g} scaled "
+                f"{optim.lr_scaling} at global batch {global_batch}), not {optim.min_lr:g}"]
+    return []
+
+
 def check_values(cfg, schema) -> None:
     """Raise :class:`selfsup.config.RecipeError` naming the first bad value (and how many more)."""
     from selfsup.errors import RecipeError

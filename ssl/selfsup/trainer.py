@@ -37,7 +37,7 @@ from selfsup.models import create_backbone
 from selfsup.monitor import Monitor
 from selfsup.objectives import build_objective
 from selfsup.optim import create_optimizer, reapply_hyperparameters, recipe_hyperparameters
-from selfsup.recipe_checks import warmup_notes
+from selfsup.recipe_checks import schedule_problems, warmup_notes
 from selfsup.schedules import EMA, lr_scheduler, scaled_lr, set_weight_decay
 from selfsup.stopping import REQUEUE_EXIT_CODE, Preempted, StopSignals
 from selfsup_io.progress import Progress
@@ -122,6 +122,8 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * steps_per_epoch))
         oc = cfg.optim
         lr = scaled_lr(oc.lr, self.global_batch, oc.lr_scaling)
+        for problem in schedule_problems(oc, self.global_batch):  # the same on every rank
+            raise RecipeError(f"bad recipe value: {problem}")
         for note in warmup_notes(oc, self.global_batch) if acc.is_main_process else []:
             warn(note)
         optimizer = create_optimizer(objective, oc, lr, acc.device)  # fused/foreach updates
