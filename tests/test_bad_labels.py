@@ -121,3 +121,4 @@ def test_the_monitor_refuses_a_partly_labelled_split(tmp_path, capsys):
     err = last_error(capsys)
     assert err.startswith("selfsup-train: error: monitor.val: 3 of the 16 samples")
     assert "val-0005" in err and "every sample labelled" in err
+    assert not (run / "metrics.jsonl").exists()  # found at start, on every rank, not at step 2

@@ -48,11 +48,18 @@ def _unlabelled(spec: str, key: str, bad: int, total: int, example: str) -> Data
 
 def _check_labelled(urls: list[str], spec: str, key: str, limit: int) -> None:
     """The k-NN needs labels: a split with unlabelled (or unparsable) labels fails at start, on
-    every rank, not at the first monitor step hours in. The labels of the first ``limit``
-    samples in shard order are read (no image is decoded); :meth:`Monitor._images` checks the
-    samples it actually uses again."""
+    every rank, not at the first monitor step hours in (where only the main process would fail,
+    and the others wait for it). The labels of the samples the monitor's loader will draw are
+    read (no image is decoded): the first ``limit`` in its order (the shard order of epoch 0 with
+    seed 0, as :class:`selfsup.data.ShardStream` shuffles it), plus a tenth more for the corrupt
+    ones it skips. :meth:`Monitor._images` checks the samples it actually used again."""
+    import random
+
     from webdataset.tariterators import tarfile_samples
 
+    urls = list(urls)
+    random.Random(0).shuffle(urls)  # ShardStream._samples: Random(seed * 1_000_003 + epoch)
+    limit += limit // 10 + 16
     seen, bad, example = 0, 0, None
     for url in urls:
         for sample in tarfile_samples([{"url": url}], handler=lambda exc: True):
