@@ -3,8 +3,9 @@ a copy that stopped early and was padded) must not load as if it were good.
 
 A truncated safetensors or zip file fails to load on its own; a flipped byte inside a tensor does
 not (it is just another number). So when a checkpoint is written, the main process records the
-sha256 of every file in it in ``checksums.json`` (written after all ranks have finished and before
-``trainer.json``, which marks the checkpoint complete); loading verifies them first and treats a
+sha256 of every file in it in ``checksums.json`` (written last in the temp directory, after all
+ranks have finished and after ``trainer.json``; the rename of that directory is what makes the
+checkpoint complete); loading verifies them first, on every rank, and treats a
 mismatch like any other damage (:mod:`selfsup.resume` falls back to the previous checkpoint under
 ``resume=auto``). Checkpoints written before this file existed load without the check.
 """
