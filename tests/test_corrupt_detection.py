@@ -58,10 +58,13 @@ def test_check_jpeg_finds_data_that_ends_early(mode, progressive):
     check_jpeg(b"\x89PNG\r\n\x1a\n")  # not a JPEG: left to the caller's decoder
 
 
-def test_check_jpeg_finds_a_cut_file():
+def test_check_jpeg_finds_a_cut_file_but_not_a_missing_end_marker():
     good = jpeg(2)
-    with pytest.raises(JpegEndsEarly):
-        check_jpeg(good[:len(good) * 2 // 3] + b"\xff\xd9")
+    for cut in (good[:len(good) * 2 // 3] + b"\xff\xd9", good[:len(good) * 2 // 3]):
+        with pytest.raises(JpegEndsEarly):
+            check_jpeg(cut)
+    check_jpeg(good[:-2])  # every pixel there, only EOI missing: PIL decodes it whole, so do we
+    check_jpeg(good + b"\x00" * 64)  # padding after EOI
 
 
 def test_the_evaluator_counts_it_as_corrupt():

@@ -18,7 +18,7 @@ a marker, an unknown JFIF revision) do not make a file corrupt; only those in :d
 
 from __future__ import annotations
 
-JPEG_SOI = b"\xff\xd8"
+JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 # libjpeg's warnings (jerror.h) that mean pixels were invented: JWRN_HIT_MARKER and
 # JWRN_JPEG_EOF ("premature end ..."), JWRN_HUFF_BAD_CODE, JWRN_MUST_RESYNC ("found marker ...")
 CORRUPT = ("premature end", "bad huffman code", "corrupt jpeg data: found marker")
@@ -40,6 +40,11 @@ def check_jpeg(data: bytes) -> None:
         colorspace = simplejpeg.decode_jpeg_header(data)[2]
     except Exception:  # not parseable here: the real decoder says what is wrong
         return
+    if data.rstrip(b"\x00")[-2:] != JPEG_EOI:
+        # only the end marker missing: libjpeg warns at the end even when every pixel is there
+        # (PIL decodes such a file whole). With the marker added, data that really ends early
+        # still hits it too soon and warns as above; PIL refuses it on its own as truncated
+        data = data + JPEG_EOI
     try:
         simplejpeg.decode_jpeg(data, colorspace="CMYK" if colorspace in ("CMYK", "YCCK") else "GRAY",
                                fastdct=True, fastupsample=True, min_height=1, min_width=1,
