@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from selfsup_io.errors import UserError
 from selfsup_io.weights import weight_problem
 
 RAW = "raw-pixels"
@@ -35,7 +36,7 @@ MAX_INPUT_SIZE = 2048  # the largest square input an export may ask for (3 x 204
 STEP_FILE = re.compile(r"backbone-step(\d+)\.safetensors")
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """A user-fixable problem; the CLI prints it as one line and exits with status 2."""
 
 

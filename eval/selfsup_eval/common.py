@@ -137,10 +137,10 @@ def init_distributed(args) -> bool:
 
 
 def guarded(args, work):
-    """``work()`` under torchrun's set-up and tear-down; bad input (``ValueError``: EvalError,
-    ShardSpecError...; ``OSError``: an unwritable --out) becomes one :class:`UsageError` whose
-    message is the CLI's line."""
-    from selfsup_io.errors import UsageError
+    """``work()`` under torchrun's set-up and tear-down; bad input (a
+    :class:`~selfsup_io.errors.UserError`: EvalError, ShardSpecError...; ``OSError``: an unwritable
+    --out) becomes one :class:`UsageError` whose message is the CLI's line."""
+    from selfsup_io.errors import UsageError, UserError
 
     started, ok = init_distributed(args), False
     try:
@@ -149,7 +149,7 @@ def guarded(args, work):
         return result
     except UsageError:
         raise
-    except (ValueError, OSError) as e:
+    except (UserError, OSError) as e:  # not any ValueError: a bug in selfsup must show its traceback
         raise UsageError(f"selfsup-eval: error: {one_line(e)}") from None
     finally:
         if started:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup_eval.linear import default_holdout, fit_probe
+from selfsup_io.errors import UserError
 
 TEMPERATURES = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09,
                 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -56,7 +57,7 @@ def neighbours(train_x: torch.Tensor, query_x: torch.Tensor, kmax: int, exclude:
     train = F.normalize(train_x.float(), dim=1)
     limit = len(train) - (exclude is not None)
     if not 1 <= kmax <= limit:
-        raise ValueError(f"k={kmax} needs at least {kmax + (exclude is not None)} train samples, have {len(train)}")
+        raise UserError(f"k={kmax} needs at least {kmax + (exclude is not None)} train samples, have {len(train)}")
     sims, idx = [], []
     for start in range(0, len(query_x), chunk_size):
         q = F.normalize(query_x[start:start + chunk_size].to(train.device).float(), dim=1)
@@ -160,7 +161,7 @@ def knn_linear(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor
     train_y, val_y = train_y.long().to(device), val_y.long().to(device)
     n, c = len(train_x), int(max(train_y.max(), val_y.max())) + 1
     if n < 2:
-        raise ValueError(f"k-NN ⊕ linear needs at least 2 train samples, got {n}")
+        raise UserError(f"k-NN ⊕ linear needs at least 2 train samples, got {n}")
     hold = default_holdout(n, probe_kw.get("holdout", 0.1), seed) if hold is None else hold.long().cpu()
     keep = torch.ones(n, dtype=torch.bool)
     keep[hold] = False

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from selfsup_io.errors import UserError
+
 WEIGHT_DECAYS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 PROTOCOL = "cached-feature protocol (no augmentation): L-BFGS logistic regression on standardised features"
 
@@ -133,7 +135,7 @@ def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
     train_y, val_y = train_y.long().to(device), val_y.long().to(device)
     n = len(train_x)
     if n < 2:
-        raise ValueError(f"the linear probe needs at least 2 train samples, got {n}")
+        raise UserError(f"the linear probe needs at least 2 train samples, got {n}")
     c = num_classes or int(max(train_y.max(), val_y.max())) + 1
     train_x, val_x = standardise(train_x, val_x)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from selfsup_io.errors import UserError
+
 
 @torch.no_grad()
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor,
@@ -44,11 +46,11 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor,
     ks = sorted({int(k) for k in ks})
     n = len(train_features)
     if not ks or ks[0] < 1:
-        raise ValueError(f"k must be at least 1, got {ks}")
+        raise UserError(f"k must be at least 1, got {ks}")
     if ks[-1] > n:
-        raise ValueError(f"k={ks[-1]} is larger than the train set ({n} samples)")
+        raise UserError(f"k={ks[-1]} is larger than the train set ({n} samples)")
     if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+        raise UserError(f"temperature must be positive, got {temperature}")
     device = train_features.device
     train = F.normalize(train_features.float(), dim=1)
     labels = train_labels.to(device).long()

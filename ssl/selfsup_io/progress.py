@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+from selfsup_io.errors import UserError
+
 MODES = ("auto", "bar", "lines", "off")
 
 
@@ -28,7 +30,7 @@ def progress_mode(stream=None) -> str:
     """``bar``, ``lines`` or ``off`` for ``stream`` (stderr by default), per SELFSUP_PROGRESS."""
     mode = os.environ.get("SELFSUP_PROGRESS", "auto").strip().lower() or "auto"
     if mode not in MODES:
-        raise ValueError(f"SELFSUP_PROGRESS={mode!r}: use one of {', '.join(MODES)}")
+        raise UserError(f"SELFSUP_PROGRESS={mode!r}: use one of {', '.join(MODES)}")
     if mode != "auto":
         return mode
     stream = sys.stderr if stream is None else stream
@@ -45,9 +47,9 @@ def _seconds(name: str, default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
+        raise UserError(f"{name}={raw!r} is not a number of seconds") from None
     if value <= 0:
-        raise ValueError(f"{name}={raw!r} must be positive")
+        raise UserError(f"{name}={raw!r} must be positive")
     return value
 
 
