@@ -51,7 +51,8 @@ DEFAULT_KS = (10, 20, 100, 200)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfsup-eval", description="k-NN and linear probes of "
                                 "exported selfsup backbones on labelled WebDataset shards ("
-                                "'selfsup-eval embed --help': write every sample's embedding).")
+                                "'selfsup-eval embed --help': write every sample's embedding; "
+                                "'selfsup-eval suite --help': a VTAB-style transfer suite).")
     p.add_argument("mode", choices=("knn", "linear", "all"), help="all: both, from one extraction")
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                    help="export .safetensors, run directory (all its exports, by step), or raw-pixels")
@@ -234,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         from selfsup_eval.embeddings import main as embed_main
 
         return embed_main(argv[1:])
+    if argv[:1] == ["suite"]:  # its own arguments (selfsup_eval.suite_cli, docs/transfer-suite.md)
+        from selfsup_eval.suite_cli import main as suite_main
+
+        return suite_main(argv[1:])
     try:
         args = parse(argv)
     except SystemExit as e:  # argparse: usage + one error line, status 2
