@@ -148,13 +148,15 @@ def evaluate(args):
                     raise EvalError(f"task {task.name}: draw {d.index} has no decodable images on one side of "
                                     "its train/val split")
                 recs, cs = frozen(ftrain, ftest, hold, [p for p in args.protocols if p in FROZEN], args.device)
+                cs = {p: (ftest["key"], c) for p, c in cs.items()}
                 if "finetune" in args.protocols:
                     from selfsup_eval.finetune import finetune_protocol
 
-                    recs["finetune"], cs["finetune"] = finetune_protocol(bb, d, task, args)
+                    recs["finetune"], tkeys, tcorrect = finetune_protocol(bb, d, task, args)
+                    cs["finetune"] = (tkeys, tcorrect)
                 for p in args.protocols:
                     runs[p].append(recs[p])
-                    corr[task.name][p].append((ftest["key"], cs[p]))
+                    corr[task.name][p].append(cs[p])
             entry = {"group": task.group, "n_train": n_train[0] if len(set(n_train)) == 1 else n_train,
                      "n_test": len(ftest["key"])}
             entry.update({p: summarise(runs[p]) for p in args.protocols})
