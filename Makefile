@@ -12,7 +12,7 @@ RUN    := runs/demo
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv fmnist chromium shards clean bench image image-check recipe-doc
+.PHONY: demo test venv fmnist chromium shards clean bench image image-check recipe-doc suite
 
 venv: $(STAMP)
 
@@ -63,6 +63,22 @@ demo: shards
 	  --train $(DATA)/train.json --val $(DATA)/test.json \
 	  --k 20 200 --out $(RUN)/eval
 
+# The CPU transfer suite (docs/transfer-suite.md): six small tasks written by bench/cpu_suite.py
+# (Fashion-MNIST, scikit-learn's digits, generated count/position/orientation/distance), then the
+# demo's backbone (trained by the demo recipe if runs/demo has none) judged against raw pixels.
+SUITE_DATA := data/suite
+
+$(SUITE_DATA)/.written: bench/cpu_suite.py | $(STAMP) fmnist
+	$(BIN)/python bench/cpu_suite.py --out $(SUITE_DATA) --fmnist $(FMNIST_DIR)
+	touch $@
+
+$(RUN)/export/backbone.safetensors: | shards
+	$(BIN)/selfsup-train recipes/demo_fmnist.yaml run.dir=$(RUN)
+
+suite: $(SUITE_DATA)/.written $(RUN)/export/backbone.safetensors
+	$(BIN)/selfsup-eval suite suites/cpu.yaml --baseline raw-pixels $(RUN)/export/backbone.safetensors \
+	  --out $(RUN)/suite
+
 # The container image (docker, else podman), and the check that builds it, trains a tiny recipe in
 # it as its non-root user and evaluates the export on the host (not part of `make test`).
 image:
@@ -75,7 +91,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_step.py
 
 clean:
-	rm -rf runs/demo $(DATA)
+	rm -rf runs/demo $(DATA) $(SUITE_DATA)
 
 # docs/recipe.md is generated from the recipe schema (tests/test_recipe_doc.py fails when stale)
 recipe-doc: $(STAMP)

@@ -258,3 +258,50 @@ def test_bad_suite_files_are_one_line_naming_the_task(tmp_path, suite, capsys, m
     suite_yaml(tmp_path / "ok.yaml", [task(root)])  # a fine file, a --reference that names nothing
     rc = main(["suite", str(tmp_path / "ok.yaml"), "raw-pixels", "--out", str(tmp_path / "o"), "--reference", "nope"])
     assert rc == 2 and "--reference nope: matches none of the checkpoints (raw-pixels)" in capsys.readouterr().err
+
+
+def test_subset_file_names_keys_or_source_file_names(tmp_path, capsys):
+    """--subset-file: a fixed list, by sample key or by the file name a folder was written from."""
+    from selfsup.shard_writer import main as shards_main
+    from selfsup_io.knn import knn_classify, topk_accuracy
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("val", 8)):
+        folder = tmp_path / split
+        for c in range(3):
+            (folder / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(rng.normal(60 + 50 * c, 60, (8, 8, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"c{c}" / f"img_{c}_{i}.png")
+        assert shards_main([str(folder), str(tmp_path / "s"), "--split", split]) == 0
+    chosen = ["img_0_1.png", "img_0_4", "img_1_2.png", "img_1_7.png", "img_2_0.png", "img_2_9.png"]
+    (tmp_path / "names.txt").write_text("# six images\n" + "\n".join(chosen) + "\n")
+    args = ["knn", "raw-pixels", "--train", str(tmp_path / "s" / "train.json"), "--val",
+            str(tmp_path / "s" / "val.json"), "--no-cache", "--device", "cpu", "--k", "3", "--out", str(tmp_path / "o")]
+    assert main(args + ["--subset-file", str(tmp_path / "names.txt")]) == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())[0]["lowshot"]["file:names.txt"]
+    assert res["subsets"] == 1 and res["train_samples"] == 6 and res["knn"]["std"] == 0.0
+    px_train, px_val = pixels(tmp_path / "s" / "train.json"), pixels(tmp_path / "s" / "val.json")
+    from selfsup_eval.data import shard_samples as samples
+    from selfsup_io.shards import resolve_shards
+
+    path_of = {json.loads(r["json"])["path"].split("/")[-1]: r["__key__"]
+               for u in resolve_shards(str(tmp_path / "s" / "train.json")).urls for r in samples(u)}
+    keys = [path_of[n if n.endswith(".png") else n + ".png"] for n in chosen]
+    x = torch.stack([px_train[k][0] for k in keys])
+    y = torch.tensor([px_train[k][1] for k in keys])
+    vx = torch.stack([f for f, _ in px_val.values()])
+    vy = torch.tensor([c for _, c in px_val.values()])
+    want = topk_accuracy(knn_classify(x, y, vx, ks=(res["knn_k"],))[res["knn_k"]], vy, 1)
+    assert res["knn"]["mean"] == pytest.approx(want)
+    (tmp_path / "keys.txt").write_text("\n".join(keys))  # the same subset by key
+    assert main(args + ["--subset-file", str(tmp_path / "keys.txt")]) == 0
+    by_key = json.loads((tmp_path / "o" / "results.json").read_text())[0]["lowshot"]["file:keys.txt"]
+    assert by_key["knn"]["runs"] == res["knn"]["runs"]
+    (tmp_path / "bad.txt").write_text("img_0_1.png\nnot_there.png\n")
+    capsys.readouterr()
+    assert main(args + ["--subset-file", str(tmp_path / "bad.txt")]) == 2
+    assert "1 of 2 line(s) name no train sample (e.g. 'not_there.png')" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    assert main(args + ["--subset-file", str(tmp_path / "empty.txt")]) == 2
+    assert "lists no image" in capsys.readouterr().err

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="low-shot: N labelled train images per class (e.g. 1 10 100)")
     p.add_argument("--fraction", type=float, nargs="+", default=None, metavar="F",
                    help="low-shot: a class-stratified share F of the train split (e.g. 0.01 0.1)")
+    p.add_argument("--subset-file", nargs="+", default=None, metavar="FILE",
+                   help="low-shot on a fixed list (one sample key or source file name per line), e.g. the "
+                   "published ImageNet 1%%/10%% lists; --fraction figures do not compare with those")
     p.add_argument("--subsets", type=int, default=5, metavar="N",
                    help="random subsets per low-shot protocol, seeded from the labels (default 5)")
     p.add_argument("--baseline", action="append", default=[], metavar="CHECKPOINT",
@@ -117,6 +120,13 @@ def check(args, error):
         error("--shots values must be at least 1")
     if args.fraction and not all(0 < f <= 1 for f in args.fraction):
         error("--fraction values must be in (0, 1]")
+    for f in getattr(args, "subset_file", None) or []:  # the Python API may not set it
+        from selfsup_eval.lowshot import read_subset_file
+
+        try:  # unreadable or empty: one line before any extraction
+            read_subset_file(f)
+        except EvalError as e:
+            error(str(e))
     if args.input_size is not None and args.input_size < 1:
         error("--input-size must be positive")
     if args.subsets < 1:
@@ -149,6 +159,7 @@ def check_k(args, n_train: int) -> None:
 def evaluate(args) -> list[dict]:
     rank, world = dist_info()
     train, val = resolve(args.train, "train"), resolve(args.val, "val")
+    args.train_urls = train.urls  # --subset-file: source file names are read from the train shards
     check_class_sets(train, val)
     check_labelled(train, "train")
     check_labelled(val, "val")

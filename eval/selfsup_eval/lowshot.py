@@ -5,6 +5,12 @@ train split (max(1, round(F·n_c)) images of a class with n_c); each over ``--su
 subsets (default 5), reported as mean ± std (sample std, n − 1) over them, val always whole. The
 features come from the one cached extraction: a subset is a set of rows of the train features.
 
+``--subset-file FILE`` uses a fixed list instead (one line per image: a sample key, or the file
+name a folder source was written from, which selfsup-shards keeps in each sample's ``json``
+``path``), e.g. the ImageNet 1 % / 10 % lists SimCLR's authors published and most papers use. A
+file is one subset, not a draw: its figures (std 0) compare with published ones; ``--fraction
+0.01`` figures do not (another 1 % of the images, a spread of several points between draws).
+
 Why the subsets are seeded from the labels: every checkpoint of a comparison (and every rerun)
 must be scored on the same images, or a difference between checkpoints could be a difference
 between draws. The seed of subset i of a protocol is a hash of the train labels in extraction
@@ -21,6 +27,7 @@ k-NN column is the weighted k-NN at T = ``--temperature`` and k = min(20, subset
 from __future__ import annotations
 
 import hashlib
+import os
 
 import torch
 
@@ -32,11 +39,61 @@ from selfsup_eval.linear import fit_probe
 HOLDOUT = 0.1
 
 
-def protocols(shots=None, fractions=None) -> list[tuple[str, str, float]]:
-    """``[(name, kind, value)]``: ``("10-shot", "shots", 10)``, ``("1%", "fraction", 0.01)``."""
+def protocols(shots=None, fractions=None, files=None) -> list[tuple[str, str, object]]:
+    """``[(name, kind, value)]``: ``("10-shot", "shots", 10)``, ``("1%", "fraction", 0.01)``,
+    ``("file:1percent.txt", "file", "/path/1percent.txt")``."""
     out = [(f"{int(n)}-shot", "shots", int(n)) for n in shots or []]
     out += [(f"{100 * f:g}%", "fraction", float(f)) for f in fractions or []]
+    out += [(f"file:{os.path.basename(f)}", "file", str(f)) for f in files or []]
     return out
+
+
+def read_subset_file(path: str) -> list[str]:
+    """The non-empty lines of a subset list (``#`` starts a comment line)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"--subset-file {path}: cannot read it ({e})") from None
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise EvalError(f"--subset-file {path} lists no image")
+    return lines
+
+
+def _source_names(urls) -> dict[str, str]:
+    """file name (and its stem) → sample key, from the ``json`` ``path`` of every train sample."""
+    import json
+
+    from selfsup_eval.data import shard_samples
+
+    names = {}
+    for url in urls or []:
+        for raw in shard_samples(url):
+            try:
+                path = json.loads(raw["json"]).get("path") if "json" in raw else None
+            except (ValueError, AttributeError):
+                path = None
+            if isinstance(path, str):
+                base = os.path.basename(path)
+                names.setdefault(base, raw["__key__"])
+                names.setdefault(os.path.splitext(base)[0], raw["__key__"])
+    return names
+
+
+def subset_from_file(path: str, keys: list[str], urls=None) -> torch.Tensor:
+    """Sorted train rows named by the lines of ``path`` (sample keys, else source file names)."""
+    lines = read_subset_file(path)
+    row = {k: i for i, k in enumerate(keys)}
+    missing = [ln for ln in lines if ln not in row]
+    if missing:
+        names = _source_names(urls)
+        lines = [ln if ln in row else names.get(ln, names.get(os.path.splitext(ln)[0], ln)) for ln in lines]
+        missing = [ln for ln in lines if ln not in row]
+    if missing:
+        raise EvalError(f"--subset-file {path}: {len(missing)} of {len(lines)} line(s) name no train sample "
+                        f"(e.g. {missing[0]!r}): lines are sample keys or the source file names of the train shards")
+    return torch.tensor(sorted({row[ln] for ln in lines}), dtype=torch.long)
 
 
 def subset_seed(labels: torch.Tensor, name: str, i: int) -> int:
@@ -78,8 +135,9 @@ def _summary(runs: list[float]) -> dict:
 
 
 def lowshot(ftrain: dict, fval: dict, protos, subsets: int = 5, *, methods=("knn", "linear", "knn_linear"),
-            ks=(20,), temperature: float = 0.07, knn_loss: float = 0.0, device="cpu") -> dict:
-    """``{name: {method: {"mean", "std", "runs"}, "subsets", "train_samples", "knn_k"}}``."""
+            ks=(20,), temperature: float = 0.07, knn_loss: float = 0.0, device="cpu", train_urls=None) -> dict:
+    """``{name: {method: {"mean", "std", "runs"}, "subsets", "train_samples", "knn_k"}}``
+    (a ``--subset-file`` protocol is one fixed subset; ``train_urls`` map its file names to keys)."""
     x, y = ftrain["features"], ftrain["label"]
     vx, vy = fval["features"].to(device), fval["label"]
     k_col = 20 if 20 in ks else min(ks)
@@ -87,9 +145,11 @@ def lowshot(ftrain: dict, fval: dict, protos, subsets: int = 5, *, methods=("knn
     for name, kind, value in protos:
         runs = {m: [] for m in methods}
         sizes, kk = [], None
-        for i in range(subsets):
+        draws = 1 if kind == "file" else subsets
+        fixed = subset_from_file(value, ftrain["key"], train_urls) if kind == "file" else None
+        for i in range(draws):
             seed = subset_seed(y, name, i)
-            sub = draw_subset(y, kind, value, seed)
+            sub = fixed if fixed is not None else draw_subset(y, kind, value, seed)
             sx, sy = x[sub].to(device), y[sub]
             sizes.append(len(sub))
             if "knn" in methods:
@@ -111,6 +171,6 @@ def lowshot(ftrain: dict, fval: dict, protos, subsets: int = 5, *, methods=("knn
                 if "linear" in runs:
                     runs["linear"].append(lin["top1"])
         out[name] = {m: _summary(r) for m, r in runs.items()}
-        out[name].update(subsets=subsets, train_samples=sizes[0] if len(set(sizes)) == 1 else sizes,
+        out[name].update(subsets=draws, train_samples=sizes[0] if len(set(sizes)) == 1 else sizes,
                          knn_k=kk)
     return out

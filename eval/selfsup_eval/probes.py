@@ -52,7 +52,9 @@ def probe(args, record: dict, ftrain: dict, fval: dict, baseline: bool, extras: 
     elif "linear" in methods:
         record["linear"] = linear_probe(ftrain["features"], ftrain["label"], fval["features"],
                                         fval["label"], device=dev)
-    protos = protocols(getattr(args, "shots", None), getattr(args, "fraction", None))
+    protos = protocols(getattr(args, "shots", None), getattr(args, "fraction", None),
+                       getattr(args, "subset_file", None))
     if protos:
         record["lowshot"] = lowshot(ftrain, fval, protos, args.subsets, methods=methods, ks=args.k,
-                                    temperature=args.temperature, knn_loss=knn_loss, device=dev)
+                                    temperature=args.temperature, knn_loss=knn_loss, device=dev,
+                                    train_urls=getattr(args, "train_urls", None))
