@@ -98,7 +98,7 @@ def pick_reference(args, entries: list[str], names: list[str]) -> int:
 def _with_size(bb, task, args, cli):
     """The backbone's transform for ``task``: its ``input_size`` if the suite sets one."""
     if bb.is_raw:
-        bb.meta["input_size"] = task.input_size or args.raw_size
+        bb.meta["input_size"] = args.raw_size or task.input_size  # --raw-size wins: 224 px raw is 150k features
         cli.prepare_raw(bb, task.train)
     elif task.input_size is not None:
         bb.meta["input_size"] = task.input_size
