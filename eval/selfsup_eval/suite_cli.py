@@ -100,8 +100,14 @@ def _with_size(bb, task, args, cli):
     if bb.is_raw:
         bb.meta["input_size"] = args.raw_size or task.input_size  # --raw-size wins: 224 px raw is 150k features
         cli.prepare_raw(bb, task.train)
-    elif task.input_size is not None:
+    elif task.input_size is not None and task.input_size != bb.meta.get("input_size"):
+        from selfsup_eval.checkpoint import check_feature_dim
+
         bb.meta["input_size"] = task.input_size
+        try:  # a ViT built for one size fails here in one line, not inside the extraction
+            check_feature_dim(bb)
+        except EvalError as e:
+            raise EvalError(f"task {task.name}: input_size {task.input_size}: {e}") from None
     return bb
 
 
@@ -207,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("selfsup-eval: error: suite runs in one process (not under torchrun / accelerate launch)",
+              file=sys.stderr)
+        return 2
     try:
         records = evaluate(args)
         print(f"protocol: VTAB-1k per task: draws of n_train examples seeded from the task name; every "

@@ -144,7 +144,7 @@ def prepare_draws(task: Task, subsets: int, out: Path) -> list[Draw]:
         if old != source:
             if raws is None:
                 raws = _collect(task, {p for ps in positions for p in ps})
-            _write_set(folder, [{**raws[p], "__key__": raws[p]["__key__"]} for p in pos], source)
+            _write_set(folder, [raws[p] for p in pos], source)
         shards = resolve_shards(str(index))
         keys = _keys_of(shards.urls[0])
         keys_file = out / "keys" / f"{task.name}-subset{i}.txt"
