@@ -305,3 +305,27 @@ def test_subset_file_names_keys_or_source_file_names(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     assert main(args + ["--subset-file", str(tmp_path / "empty.txt")]) == 2
     assert "lists no image" in capsys.readouterr().err
+
+
+def test_cpu_suite_tasks_are_balanced_reproducible_and_named_by_the_suite_file(tmp_path):
+    import sys
+
+    from selfsup_eval.suite_file import load_suite
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import cpu_suite
+
+    for task, classes in cpu_suite.GENERATED.items():
+        x, y = cpu_suite.generated(task, 300, 0)
+        assert x.shape == (300, 28, 28) and x.dtype == np.uint8
+        counts = np.bincount(y, minlength=classes)
+        assert len(counts) == classes and counts.min() > 300 / classes / 2  # every class, none rare
+        assert np.array_equal(cpu_suite.generated(task, 300, 0)[0], x)  # seeded
+    x, y = cpu_suite.count_item(np.random.default_rng(3))
+    # count: the label is the number of bright blobs, counted here with scipy's labelling
+    from scipy import ndimage
+
+    assert ndimage.label(x > 120)[1] == y + 1
+    tasks = load_suite(str(Path(__file__).resolve().parents[1] / "suites" / "cpu.yaml"), check_data=False)
+    assert [t.name for t in tasks] == ["fmnist", "digits", *cpu_suite.GENERATED]
+    assert {t.name: t.augment for t in tasks}["orientation"] == "crop"

@@ -101,7 +101,8 @@ def plot(path: Path, records: list[dict], protocol: str) -> None:
         errs = [100 * s["tasks"][t].get(protocol, {}).get("std", 0.0) for t in tasks]
         vals.append(100 * s["mean"].get(protocol, float("nan")))
         errs.append(0.0)
-        ax.bar(x + (i - (len(records) - 1) / 2) * width, vals, width, yerr=errs, capsize=2, label=r["name"])
+        ax.bar(x + (i - (len(records) - 1) / 2) * width, vals, width, label=r["name"],
+               **({"yerr": errs, "capsize": 2} if any(errs) else {}))
     ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"test top-1 (%), {NAMES[protocol]}")
     ax.set_title(f"transfer suite: {NAMES[protocol]}")
