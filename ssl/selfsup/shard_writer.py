@@ -22,7 +22,8 @@ Writer choices worth knowing:
 * ``.npz``: ``labels`` may be left out for unlabelled data (then ``class_names`` is null and
   samples have no ``.cls``); without ``class_names`` classes are named ``"0"``, ``"1"``, ...
 * ``torchvision:NAME:ROOT``: ``--split train`` reads the train set, ``test``/``val`` the test set;
-  other split names need ``--torchvision-split``. For the MNIST family the raw idx files are read
+  other split names need ``--torchvision-split``. SVHN, DTD, Flowers102, OxfordIIITPet, PCAM and
+  CLEVRClassification (count) are read with the splits VTAB uses (:data:`SPLIT_SETS`). For the MNIST family the raw idx files are read
   directly (``.gz`` or not), either in ROOT itself (the Debian package dataset-fashion-mnist puts
   them in /usr/share/datasets/fashion-mnist) or in torchvision's ``ROOT/NAME/raw``.
 * Every file is written as ``*.tmp`` and renamed; the index is removed first and written last, so
@@ -55,7 +56,13 @@ from selfsup_io.jpeg_check import check_jpeg
 from selfsup_io.shards import INDEX_FORMAT, SHARD_NAME
 from selfsup.folder_walk import class_files
 
-TORCHVISION_SETS = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
+# data sets torchvision reads with a split argument: the torchvision splits that --split train and
+# --split test/val write, VTAB's choice of them (docs/transfer-suite.md): DTD and Flowers102 train on
+# train + val; CLEVR's test split has no labels, so its val split is the test split
+SPLIT_SETS = {"SVHN": (("train",), ("test",)), "DTD": (("train", "val"), ("test",)),
+              "Flowers102": (("train", "val"), ("test",)), "OxfordIIITPet": (("trainval",), ("test",)),
+              "PCAM": (("train",), ("test",)), "CLEVRClassification": (("train",), ("val",))}
+TORCHVISION_SETS = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100", *SPLIT_SETS)
 MNIST_FAMILY = ("MNIST", "FashionMNIST", "KMNIST")
 IMAGE_FORMATS = ("keep", "png", "jpg")
 MIN_MAX_SIDE = 16
@@ -232,6 +239,17 @@ def _torchvision_source(spec: str, subset: str):
     if name in MNIST_FAMILY and (raw := _read_idx(Path(root), name, subset)) is not None:
         images, labels = raw
         return ((images[i], int(labels[i]), None) for i in range(len(images))), len(images), classes
+    if name in SPLIT_SETS:
+        parts = SPLIT_SETS[name][0 if subset == "train" else 1]
+        try:
+            sets = [getattr(tvd, name)(root, split=part, download=False) for part in parts]
+        except Exception as e:  # not found, a missing optional reader (h5py, scipy), a bad file
+            reason = " ".join(str(e).split(". You can use download")[0].split())[:200] or type(e).__name__
+            raise ValueError(f"{spec}: {reason} in {root} (torchvision's {name} layout, splits "
+                             f"{'+'.join(parts)})") from None
+        names = getattr(sets[0], "classes", None)
+        items = ((img, int(label), None) for ds in sets for img, label in ds)
+        return items, sum(len(ds) for ds in sets), list(names) if names is not None else None
     try:
         ds = getattr(tvd, name)(root, train=subset == "train", download=False)
     except RuntimeError as e:
