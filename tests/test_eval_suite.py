@@ -329,3 +329,19 @@ def test_cpu_suite_tasks_are_balanced_reproducible_and_named_by_the_suite_file(t
     tasks = load_suite(str(Path(__file__).resolve().parents[1] / "suites" / "cpu.yaml"), check_data=False)
     assert [t.name for t in tasks] == ["fmnist", "digits", *cpu_suite.GENERATED]
     assert {t.name: t.augment for t in tasks}["orientation"] == "crop"
+
+
+def test_a_task_input_size_resizes_and_a_fixed_size_model_is_one_line(tmp_path, suite, capsys):
+    root, _, ckpt = suite
+    path = suite_yaml(tmp_path / "sized.yaml", [
+        {"name": "squares", "group": "natural", "train": f"{root}/squares/train.json",
+         "test": f"{root}/squares/test.json", "n_train": 40, "input_size": 16}])
+    _, records = run_suite(tmp_path, path, ckpt, extra=["--protocols", "knn"])
+    assert 0 <= records[0]["suite"]["tasks"]["squares"]["knn"]["top1"] <= 1
+    vit = export(tmp_path / "vit" / "export" / "backbone.safetensors", name="vit_tiny_patch16_224", size=8,
+                 pool="mean_patch", kwargs={"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1,
+                                            "num_heads": 2, "class_token": False, "global_pool": "avg"})
+    capsys.readouterr()
+    rc = main(["suite", str(path), str(vit), "--out", str(tmp_path / "v"), "--no-cache", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "task squares: input_size 16:" in err
