@@ -97,7 +97,7 @@ def train(bb, x: torch.Tensor, y: torch.Tensor, classes: int, lr: float, steps: 
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(net(xb), y[idx].to(device))
         if not torch.isfinite(loss):
-            return net  # a diverged run: scored as it is (it will lose the grid)
+            return net.eval()  # a diverged run: scored as it is (it will lose the grid)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -114,8 +114,9 @@ def predict(net: Net, x: torch.Tensor, device, batch: int = 256) -> torch.Tensor
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-def load_images(bb, urls) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(keys, normalised images (N, C, S, S), labels) of the decodable labelled samples of ``urls``."""
+def image_batches(bb, urls, batch: int = 256):
+    """(keys, normalised images (B, C, S, S), labels) of the decodable labelled samples of
+    ``urls``, ``batch`` at a time (a 224-px test split held whole would take gigabytes)."""
     from selfsup_eval.data import iter_samples, safe_decode
     from selfsup_eval.features import transform_settings
 
@@ -123,23 +124,45 @@ def load_images(bb, urls) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     mean = torch.tensor(t["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(t["std"]).view(1, -1, 1, 1)
     keys, imgs, labels = [], [], []
+
+    def flush():
+        out = (list(keys), (torch.stack(imgs).float() / 255 - mean) / std, torch.tensor(labels, dtype=torch.long))
+        keys.clear(), imgs.clear(), labels.clear()
+        return out
+
     for s in iter_samples(urls):
         if s.label is None or s.data is None:
             continue
         img = safe_decode((s.data, t["size"], t["channels"]))
         if img is not None:
             keys.append(s.key), imgs.append(img), labels.append(s.label)
-    if not imgs:
+        if len(imgs) == batch:
+            yield flush()
+    if imgs:
+        yield flush()
+
+
+def load_images(bb, urls) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """All of a (small) split at once: the draw's 1,000 images."""
+    parts = list(image_batches(bb, urls))
+    if not parts:
         raise EvalError(f"finetune: no decodable labelled images in {urls[0]}")
-    x = (torch.stack(imgs).float() / 255 - mean) / std
-    return keys, x, torch.tensor(labels, dtype=torch.long)
+    return sum((k for k, _, _ in parts), []), torch.cat([x for _, x, _ in parts]), torch.cat([y for _, _, y in parts])
+
+
+def task_classes(bb, task) -> int:
+    """The head's size must cover the test labels too (a class the draw lacks is never
+    predicted, as in VTAB): one label-only pass over the test split (no decoding)."""
+    from selfsup_eval.data import iter_samples
+
+    labels = [s.label for s in iter_samples(task.test.urls) if s.label is not None]
+    return max(labels) + 1 if labels else 0
 
 
 def finetune_protocol(bb, draw, task, args):
     """``(record, test keys, BoolTensor correct)`` for one draw of one task."""
     keys, x, y = load_images(bb, draw.shards.urls)
-    tkeys, tx, ty = load_images(bb, task.test.urls)
-    classes = int(max(y.max(), ty.max())) + 1
+    classes = max(int(y.max()) + 1, task_classes(bb, task))
     val = draw.val_keys
     hold = torch.tensor([k in val for k in keys])
     if hold.all() or not hold.any():
@@ -154,7 +177,11 @@ def finetune_protocol(bb, draw, task, args):
     lr, steps = best
     net = train(bb, x, y, classes, lr, steps, args.finetune_batch, task.augment,
                 seed_of(task.name, draw.index, lr, steps, "all"), args.device)
-    correct = predict(net, tx, args.device) == ty
+    tkeys, correct = [], []
+    for k, tx, ty in image_batches(bb, task.test.urls):
+        tkeys += k
+        correct.append(predict(net, tx, args.device) == ty)
+    correct = torch.cat(correct)
     record = {"top1": float(correct.float().mean()), "lr": lr, "steps": steps, "holdout_top1": grid[best],
               "batch": min(args.finetune_batch, len(x)), "augment": task.augment,
               "grid": [{"lr": a, "steps": b, "holdout_top1": v} for (a, b), v in grid.items()]}
