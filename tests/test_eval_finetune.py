@@ -59,3 +59,28 @@ def test_finetune_in_the_suite_chooses_on_the_held_out_part(tmp_path, suite):  #
     assert records[1]["verdict"]["protocol"] == "finetune" and set(records[1]["verdicts"]) == {"finetune", "linear"}
     _, again = run_suite(tmp_path / "again", path, "raw-pixels", ckpt, extra=extra)
     assert again[1]["suite"]["tasks"] == records[1]["suite"]["tasks"]
+
+
+def test_the_grid_is_scored_on_the_keys_files_held_out_part(tmp_path, suite):  # noqa: F811
+    """Each grid point's held-out top-1 = a run trained on the keys file's first lines (train
+    part) with the documented seed, scored on its last lines (val_share 0.25 of 40: 10)."""
+    from selfsup_eval.finetune import load_images, predict, seed_of
+
+    root, path, ckpt = suite
+    extra = ["--protocols", "finetune", "--finetune-steps", "20", "--finetune-lr", "0.05", "--finetune-batch", "8"]
+    out, records = run_suite(tmp_path, path, ckpt, extra=extra)
+    ft = records[0]["suite"]["tasks"]["squares"]["finetune"]
+    keys = (out / "keys" / "squares-subset0.txt").read_text().split()
+    bb = load_backbone(str(ckpt))
+    bb.to("cpu")
+    shard_keys, x, y = load_images(bb, [str(p) for p in sorted((out / "subsets" / "squares-subset0").glob("*.tar"))])
+    assert shard_keys == keys  # the copy holds the draw in the keys file's order
+    net = train(bb, x[:30], y[:30], 3, lr=0.05, steps=20, batch=8, kind="crop+flip",
+                seed=seed_of("squares", 0, 0.05, 20), device="cpu")
+    want = float((predict(net, x[30:], "cpu") == y[30:]).float().mean())
+    assert ft["grid"] == [{"lr": 0.05, "steps": 20, "holdout_top1": want}]
+    # the refit: all 40 with its own seed, scored on the whole test split
+    _, tx, ty = load_images(bb, [str(p) for p in sorted((root / "squares").glob("test-*.tar"))])
+    refit = train(bb, x, y, 3, lr=0.05, steps=20, batch=8, kind="crop+flip",
+                  seed=seed_of("squares", 0, 0.05, 20, "all"), device="cpu")
+    assert ft["top1"] == float((predict(refit, tx, "cpu") == ty).float().mean())
