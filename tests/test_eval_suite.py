@@ -174,7 +174,7 @@ def test_a_checkpoint_against_itself_is_exactly_zero_and_a_chance_backbone_is_wo
         assert bad[p]["difference"] == pytest.approx(sum(mine) / 2)
         assert bad[p]["word"] == "worse" and bad[p]["interval"][1] < 0
     printed = capsys.readouterr().out
-    assert "verdict (linear): dead@1 vs raw-pixels" in printed and ": worse" in printed
+    assert "verdict (linear) (headline): dead@1 vs raw-pixels" in printed and ": worse" in printed
     # the same pair seen from the other side, with --reference naming the chance backbone
     _, flipped = run_suite(tmp_path / "f", path, "raw-pixels", dead, extra=["--protocols", "linear", "--reference", "dead@1"])
     assert flipped[0]["verdict"]["word"] == "better" and "verdict" not in flipped[1]

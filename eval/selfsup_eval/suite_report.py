@@ -54,11 +54,13 @@ def tables(records: list[dict], protocols, subsets: int) -> str:
 
 
 def verdict_lines(records: list[dict]) -> list[str]:
+    """One line per checkpoint and protocol; the headline one (results.json ``verdict``) marked."""
     out = []
     for r in records:
         for p, v in r.get("verdicts", {}).items():
             lo, hi = v["interval"]
-            out.append(f"verdict ({NAMES[p]}): {r['name']} vs {v['reference']}: {100 * v['difference']:+.2f} "
+            mark = " (headline)" if r.get("verdict", {}).get("protocol") == p else ""
+            out.append(f"verdict ({NAMES[p]}){mark}: {r['name']} vs {v['reference']}: {100 * v['difference']:+.2f} "
                        f"points, 95% interval [{100 * lo:+.2f}, {100 * hi:+.2f}]: {v['word']}")
     return out
 
