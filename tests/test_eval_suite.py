@@ -128,6 +128,7 @@ def test_protocol_equals_a_recomputation_on_the_recorded_keys(tmp_path, suite):
     assert s["groups"]["natural"]["linear"] == r["linear"]["top1"]
     assert s["mean"]["knn"] == pytest.approx((r["knn"]["top1"] + s["tasks"]["quads"]["knn"]["top1"]) / 2)
     assert (out / "suite.csv").read_text().count("\n") == 1 + 3 and (out / "suite.png").stat().st_size > 0
+    assert "Transfer suite" in (out / "report.html").read_text()
 
 
 def zeroed(src: Path, dst: Path) -> Path:

@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from selfsup_eval import suite_report
 from selfsup_eval.checkpoint import RAW, EvalError, expand_checkpoints, has_selfsup_metadata, read_metadata, \
     run_dir_of, run_name
@@ -31,7 +33,7 @@ MAIN_ORDER = ("finetune", "linear", "knn_linear", "knn")  # the verdict that hea
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from selfsup_eval.cli import add_checkpoint_options, add_extraction_options
+    from selfsup_eval.common import add_model_arguments
 
     p = argparse.ArgumentParser(prog="selfsup-eval suite", description="VTAB-1k-style transfer suite: "
                                 "every checkpoint on every task of SUITE.yaml, with a paired verdict "
@@ -55,8 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--finetune-steps", type=int, nargs="+", default=[500, 2500], metavar="N",
                    help="step counts tried on 800 → 200 (default 500 2500, VTAB's)")
     f.add_argument("--finetune-batch", type=int, default=64, metavar="B", help="batch size (default 64)")
-    add_checkpoint_options(p)
-    add_extraction_options(p)
+    add_model_arguments(p)
+    p.add_argument("--raw-size", type=int, default=None, metavar="N",
+                   help="raw-pixels: resize + centre-crop to N (default: the task's input_size, else native)")
+    p.add_argument("--cache-dir", default=None,
+                   help="feature cache (default $SELFSUP_EVAL_CACHE or ~/.cache/selfsup-eval)")
+    p.add_argument("--no-cache", action="store_true", help="extract without reading or writing the cache")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=None, help="image-decoding threads (default min(4, CPUs))")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
@@ -95,11 +104,13 @@ def pick_reference(args, entries: list[str], names: list[str]) -> int:
     return hits[0]
 
 
-def _with_size(bb, task, args, cli):
+def _with_size(bb, task, args):
     """The backbone's transform for ``task``: its ``input_size`` if the suite sets one."""
+    from selfsup_eval.common import prepare_raw
+
     if bb.is_raw:
         bb.meta["input_size"] = args.raw_size or task.input_size  # --raw-size wins: 224 px raw is 150k features
-        cli.prepare_raw(bb, task.train)
+        prepare_raw(bb, task.train)
     elif task.input_size is not None and task.input_size != bb.meta.get("input_size"):
         from selfsup_eval.checkpoint import check_feature_dim
 
@@ -112,7 +123,7 @@ def _with_size(bb, task, args, cli):
 
 
 def evaluate(args):
-    from selfsup_eval import cli
+    from selfsup_eval.common import check_checkpoint, load_any
     from selfsup_eval.features import cached_features, default_cache_dir
     from selfsup_eval.suite_data import hold_indices, prepare_draws
     from selfsup_eval.suite_file import load_suite
@@ -121,7 +132,7 @@ def evaluate(args):
     entries = expand_checkpoints(args.baseline) + expand_checkpoints(args.checkpoints)
     n_base = len(expand_checkpoints(args.baseline))
     for path in entries:
-        cli.check_checkpoint(path, args)
+        check_checkpoint(path, args)
     names = [cheap_name(p, args) for p in entries]
     ref = pick_reference(args, entries, names)
     out = Path(args.out)
@@ -130,7 +141,7 @@ def evaluate(args):
     kw = dict(batch_size=args.batch_size, device=args.device, workers=args.workers)
     records, correct = [], []
     for ci, path in enumerate(entries):
-        bb = cli.load_any(path, args)
+        bb = load_any(path, args)
         size0 = bb.meta.get("input_size")
         rec = {"name": bb.name, "path": path, "run": run_dir_of(path), "baseline": ci < n_base,
                "step": bb.step, "objective": bb.meta.get("objective"), "feature_dim": bb.meta.get("feature_dim"),
@@ -138,7 +149,7 @@ def evaluate(args):
         corr = {}
         for task in tasks:
             bb.meta["input_size"] = size0
-            _with_size(bb, task, args, cli)
+            _with_size(bb, task, args)
             print(f"{bb.name}: task {task.name} ({task.group})", flush=True)
             ftest = cached_features(bb, task.test.urls, cache, desc=f"{bb.name} {task.name} test",
                                     total=task.test.num_samples, expected=task.test.shard_sizes, **kw)
@@ -207,7 +218,7 @@ def add_verdicts(records, correct, ref: int, protocols) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selfsup_eval.cli import one_line
+    from selfsup_eval.common import one_line
 
     try:
         args = parse(argv)
@@ -219,15 +230,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         records = evaluate(args)
-        print(f"protocol: VTAB-1k per task: draws of n_train examples seeded from the task name; every "
-              f"choice on the draw's train part → its held-out part, refit on the whole draw, the whole test "
-              f"split scored; {args.subsets} draw(s) per task; fp32 on CPU, bf16 autocast on GPU")
+        protocol = (f"protocol: VTAB-1k per task: draws of n_train examples seeded from the task name; every "
+                    f"choice on the draw's train part → its held-out part, refit on the whole draw, the whole "
+                    f"test split scored; {args.subsets} draw(s) per task; fp32 on CPU, bf16 autocast on GPU")
+        print(protocol)
         print(suite_report.tables(records, args.protocols, args.subsets))
         for line in suite_report.verdict_lines(records):
             print(line)
         main_p = next(p for p in MAIN_ORDER if p in args.protocols)
         suite_report.write(args.out, records, args.protocols, main_p)
-        print(f"results: {os.path.join(args.out, 'results.json')}")
+        from selfsup_eval.html import write_report
+
+        page = write_report(args.out, records, protocol)  # the tables and verdicts, suite.png
+        print(f"results: {os.path.join(args.out, 'results.json')}, {page}")
         return 0
     except (ValueError, OSError) as e:
         print(f"selfsup-eval: error: {one_line(e)}", file=sys.stderr)
