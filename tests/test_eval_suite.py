@@ -346,3 +346,27 @@ def test_a_task_input_size_resizes_and_a_fixed_size_model_is_one_line(tmp_path, 
     rc = main(["suite", str(path), str(vit), "--out", str(tmp_path / "v"), "--no-cache", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "task squares: input_size 16:" in err
+
+
+def test_a_draw_reads_only_the_shards_that_hold_it(tmp_path, suite, monkeypatch):
+    import selfsup_eval.data as data
+    from selfsup_eval.suite_data import prepare_draws
+    from selfsup_eval.suite_file import load_suite
+
+    root = suite[0]
+    path = suite_yaml(tmp_path / "s.yaml", [{"name": "tiny", "group": "natural", "train": f"{root}/squares/train.json",
+                                              "test": f"{root}/squares/test.json", "n_train": 2}])
+    task = load_suite(str(path))[0]
+    read, real = [], data.shard_samples
+
+    def spy(url):
+        read.append(url)
+        return real(url)
+
+    monkeypatch.setattr(data, "shard_samples", spy)
+    draw = prepare_draws(task, 1, tmp_path / "out")[0]
+    positions = draw_positions("tiny", 0, 60, 2)
+    assert draw.keys == [f"train-{p:08d}" for p in positions]
+    held = {p // 16 for p in positions}  # shards of 16 samples
+    copied = [u for u in read if "subsets" in u]
+    assert sorted(u for u in read if u not in copied) == sorted(task.train.urls[i] for i in held)
