@@ -5,7 +5,7 @@ the VTAB-1k protocol: draws of ``n_train`` examples (:mod:`selfsup_eval.suite_da
 800 → 200, refit on 1,000, the whole test split scored (:mod:`selfsup_eval.suite` for the frozen
 protocols, :mod:`selfsup_eval.finetune` for ``finetune``), then a paired bootstrap verdict of each
 checkpoint against the reference (:mod:`selfsup_eval.verdict`). Checkpoints are expanded, checked
-and loaded exactly as the other modes do it (:mod:`selfsup_eval.cli`), so exports, run
+and loaded exactly as the other modes do it (:mod:`selfsup_eval.common`), so exports, run
 directories, ``raw-pixels`` and other frameworks' files with ``--model`` all work; ``--baseline``
 checkpoints are listed first and get every protocol too. Features go through the feature cache,
 one extraction per (checkpoint, task draw) and (checkpoint, task test split).
