@@ -49,6 +49,9 @@ def ensure_backbones(names, seeds, batch: int, images: int) -> list[tuple[str, i
                 subprocess.run([sys.executable, str(ROOT / "bench" / "methods.py"), "--images", str(images),
                                 "--seeds", str(seed), "--batch-size", str(batch), "--objectives", name,
                                 "--no-raw"], check=True, cwd=ROOT)
+            if not ckpt.is_file():  # methods.py skips a run its runs.jsonl already holds
+                raise SystemExit(f"suite_methods: {ckpt} is missing although bench/methods.py has its row; "
+                                 "remove the row from its runs.jsonl (or restore the run) and rerun")
             out.append((name, seed, ckpt))
     return out
 
