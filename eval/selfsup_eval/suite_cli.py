@@ -28,6 +28,7 @@ from selfsup_eval import suite_report
 from selfsup_eval.checkpoint import RAW, EvalError, expand_checkpoints, has_selfsup_metadata, read_metadata, \
     run_dir_of, run_name
 from selfsup_eval.suite import FROZEN, PROTOCOLS, aggregate, frozen, summarise
+from selfsup_io.errors import UserError
 
 MAIN_ORDER = ("finetune", "linear", "knn_linear", "knn")  # the verdict that heads the list
 
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         page = write_report(args.out, records, protocol)  # the tables and verdicts, suite.png
         print(f"results: {os.path.join(args.out, 'results.json')}, {page}")
         return 0
-    except (ValueError, OSError) as e:
+    except (UserError, OSError) as e:  # not any ValueError: a bug must show its traceback
         print(f"selfsup-eval: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
