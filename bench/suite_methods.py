@@ -39,7 +39,9 @@ def run_dir(name: str, seed: int, batch: int) -> Path:
     return ROOT / "runs" / "bench-methods" / f"{name}-b{batch}-s{seed}"
 
 
-def ensure_backbones(names, seeds, batch: int, images: int) -> list[tuple[str, int, Path]]:
+def ensure_backbones(names, seeds, batch: int, images: int, out_dir: Path) -> list[tuple[str, int, Path]]:
+    """The backbones, trained where missing; bench/methods.py's rows go to OUT/methods (not the
+    method table's own runs.jsonl, whose rows were measured under other settings)."""
     out = []
     for name in names:
         for seed in seeds:
@@ -48,7 +50,7 @@ def ensure_backbones(names, seeds, batch: int, images: int) -> list[tuple[str, i
                 print(f"suite_methods: training {name} seed {seed} (bench/methods.py)", flush=True)
                 subprocess.run([sys.executable, str(ROOT / "bench" / "methods.py"), "--images", str(images),
                                 "--seeds", str(seed), "--batch-size", str(batch), "--objectives", name,
-                                "--no-raw"], check=True, cwd=ROOT)
+                                "--no-raw", "--out", str(out_dir / "methods")], check=True, cwd=ROOT)
             if not ckpt.is_file():  # methods.py skips a run its runs.jsonl already holds
                 raise SystemExit(f"suite_methods: {ckpt} is missing although bench/methods.py has its row; "
                                  "remove the row from its runs.jsonl (or restore the run) and rerun")
@@ -97,7 +99,7 @@ def main() -> None:
         subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_suite.py"), "--out", str(ROOT / "data" / "suite")],
                        check=True, cwd=ROOT)
         (ROOT / "data" / "suite" / ".written").touch()
-    runs = ensure_backbones(args.objectives, args.seeds, args.batch_size, args.images)
+    runs = ensure_backbones(args.objectives, args.seeds, args.batch_size, args.images, args.out)
     suite_out = args.out / "suite"
     subprocess.run([sys.executable, "-m", "selfsup_eval", "suite", args.suite, "--baseline", "raw-pixels",
                     *[str(c) for _, _, c in runs], "--out", str(suite_out), "--protocols", *PROTOCOLS],
