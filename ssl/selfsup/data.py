@@ -102,6 +102,7 @@ class StreamPlan:
     start_batch: int = 0
     positions: dict | None = None  # role -> samples drawn from that role's buffer
     sizes: dict | None = None  # url -> samples its index lists (None: no index)
+    segment: dict | None = None  # exact epochs: selfsup.partition.Segment as JSON
 
 
 class ShardStream(IterableDataset):
@@ -184,13 +185,16 @@ class ShardStream(IterableDataset):
         img = open_image(data)
         check_jpeg(data)  # ends early: PIL and nvJPEG/torchvision would return grey, no error
         width, height = img.size
-        boxes = sample_boxes(p.views, height, width,
-                             sample_rng(p.seed, p.epoch, p.rank, role, drawn))
+        boxes = sample_boxes(p.views, height, width, self._crop_rng(sample, drawn, role))
         if p.decode == "device" and device_decodable(img, data):
             img.close()
             check_pixels(width, height)  # decoded whole on the device: a JPEG bomb stops here
             return {"jpeg": data, "boxes": boxes}
         return {"view": decode_views(img, boxes, view_size(p.views))}
+
+    def _crop_rng(self, sample: dict, drawn: int, role: int):
+        p = self.plan
+        return sample_rng(p.seed, p.epoch, p.rank, role, drawn)
 
     def __iter__(self):
         p = self.plan
@@ -206,6 +210,11 @@ class ShardStream(IterableDataset):
             # not decoded now, but they were before the checkpoint: a pass that starts among
             # them is no evidence that nothing decodes
             self.stats["decoded_in_pass"] += 1
+        yield from self._batches(role, shuffled, drawn)
+
+    def _batches(self, role: int, shuffled, drawn: int):
+        """This role's batches from its stream of raw samples (``drawn`` of them used before)."""
+        p = self.plan
         for _ in range(self._num_batches(role)):
             out, labels, keys = [], [], []
             while len(out) < p.batch_size:
@@ -279,7 +288,7 @@ class ShardLoader:
     def __init__(self, spec: str, *, batch_size: int, views: list[ViewSpec], rank: int = 0,
                  world_size: int = 1, num_workers: int = 2, seed: int = 0, decode: str = "cpu",
                  shuffle_buffer: int = 2000, samples_per_epoch: int | None = None,
-                 key: str = "data.train", prefer: tuple = ("train",)):
+                 key: str = "data.train", prefer: tuple = ("train",), grad_accum: int = 1):
         if decode not in DECODE_MODES:
             raise DataError(f"data.decode must be one of {', '.join(DECODE_MODES)}, not {decode!r}")
         try:
@@ -292,21 +301,43 @@ class ShardLoader:
             raise DataError(f"{key}: the shards {spec!r} have no index json with sample counts; "
                             "set data.samples_per_epoch=N")
         self.samples_per_epoch = total
-        self.batches_per_epoch = total // (world_size * batch_size)
+        # exact epochs (selfsup.epoch_stream) need every shard's count; the old stream otherwise
+        self.exact = bool(self.shards.shard_sizes) and total == self.shards.num_samples
+        # whole optimizer steps per epoch, so that an epoch's samples are exactly its steps' samples
+        self.batches_per_epoch = total // (world_size * batch_size * grad_accum) * grad_accum
         if self.batches_per_epoch == 0:
             raise DataError(f"{key}: {total} samples is less than one global batch of "
-                            f"{world_size}x{batch_size}; lower train.batch_size")
+                            f"{world_size}x{batch_size}x{grad_accum}; lower train.batch_size")
+        self.dropped = total - self.batches_per_epoch * world_size * batch_size
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.views, self.decode = num_workers, seed, list(views), decode
         self.shuffle_buffer = shuffle_buffer
         self._decoders: dict = {}
 
-    def epoch(self, epoch: int, start_batch: int = 0, positions: dict | None = None):
+    def first_segment(self) -> dict | None:
+        """An epoch's plan before any of it is used (exact epochs; None for the old stream)."""
+        if not self.exact:
+            return None
+        from selfsup.partition import first_segment
+
+        return first_segment(self.samples_per_epoch, self.world_size, max(1, self.num_workers),
+                             self.batch_size, self.batches_per_epoch).to_json()
+
+    def epoch(self, epoch: int, start_batch: int = 0, positions: dict | None = None,
+              segment: dict | None = None):
+        """``segment``: what is left of the epoch and how it is split (exact epochs; default
+        :meth:`first_segment`)."""
         sizes = dict(zip(self.shards.urls, self.shards.shard_sizes)) if self.shards.shard_sizes else None
         plan = StreamPlan(self.shards.urls, self.batch_size, self.batches_per_epoch, self.rank,
                           self.world_size, max(1, self.num_workers), self.seed, epoch,
-                          self.views, self.decode, self.shuffle_buffer, start_batch, positions, sizes)
-        stream = ShardStream(plan)
+                          self.views, self.decode, self.shuffle_buffer, start_batch, positions, sizes,
+                          segment or self.first_segment())
+        if plan.segment is not None:
+            from selfsup.epoch_stream import EpochStream
+
+            stream = EpochStream(plan)
+        else:
+            stream = ShardStream(plan)
         if self.num_workers == 0:
             return iter(stream)
         return _one_line_errors(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
