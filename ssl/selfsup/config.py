@@ -48,12 +48,16 @@ class DataConfig:
     decode: str = key("cpu", "`cpu`: workers decode and cut the views; `device`: workers read bytes, JPEGs are "
                       "decoded and cropped batched on the training device (nvJPEG on a GPU)",
                       check=one_of(*DECODE_MODES))
-    num_workers: int = key(2, "decoding workers per process", check=at_least(0))
-    shuffle_buffer: int = key(2000, "shuffle-buffer size per worker", check=at_least(1))
+    num_workers: int = key(2, "decoding workers per process (may change on a resume: exact epochs split the rest "
+                           "of the epoch anew, docs/elastic-epochs.md)", check=at_least(0), resume=FREE)
+    shuffle_buffer: int = key(2000, "samples shuffled together: the block of exact epochs, else the shuffle buffer "
+                              "per worker", check=at_least(1))
     max_corrupt_fraction: float = key(
         0.1, "stop (one line) once more than this fraction of the samples drawn were unreadable (judged "
         "after 1,000 samples or an epoch; 0: the first one stops the run): a data set that bad is not the "
         "one the user meant to train on", check=probability(), resume=FREE)
+    record_keys: bool = key(False, "write the keys each process used to `RUN_DIR/seen/epoch-E/rank-R.txt` "
+                            "(docs/elastic-epochs.md)", resume=FREE)
 
 
 @dataclass

@@ -36,7 +36,13 @@ class _ShardReader:
         self.shard, self.it, self.pos, self.errors = None, None, 0, []
         self.reported: set = set()
 
+    def close(self) -> None:
+        if self.it is not None and hasattr(self.it, "close"):
+            self.it.close()
+        self.it = None
+
     def _open(self, shard: int) -> None:
+        self.close()
         self.errors = []
 
         def handler(exc: Exception) -> bool:
@@ -44,7 +50,7 @@ class _ShardReader:
             return True
 
         self.shard, self.pos = shard, 0
-        self.it = iter(tarfile_samples([{"url": self.urls[shard]}], handler=handler))
+        self.it = tarfile_samples([{"url": self.urls[shard]}], handler=handler)
 
     def get(self, shard: int, offset: int) -> dict | None:
         if shard != self.shard or offset < self.pos:
@@ -53,7 +59,7 @@ class _ShardReader:
         while self.pos <= offset:
             sample = next(self.it, None) if self.it is not None else None
             if sample is None:  # the shard ended before its index count: a truncated tar
-                self.it = None
+                self.close()
                 self._short(shard)
                 return None
             self.pos += 1
@@ -108,12 +114,15 @@ class EpochStream(ShardStream):
         order = self.order
         reader = _ShardReader(self.plan.urls, [int(x) for x in order.sizes], self.stats)
         pending: list = []
-        for chunk in self._chunks(part, skip):
-            if chunk is not None:
-                pending += chunk
-            if pending and (chunk is None or len(pending) >= order.block):
-                yield from self._read_block(reader, pending)
-                pending = []
+        try:
+            for chunk in self._chunks(part, skip):
+                if chunk is not None:
+                    pending += chunk
+                if pending and (chunk is None or len(pending) >= order.block):
+                    yield from self._read_block(reader, pending)
+                    pending = []
+        finally:  # the role has its batches: close the shard it was reading
+            reader.close()
 
     def _read_block(self, reader: _ShardReader, pending: list):
         shards, offsets = self.order.locate(np.asarray([c for _, c in pending], dtype=np.int64))

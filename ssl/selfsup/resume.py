@@ -29,6 +29,7 @@ from pathlib import Path
 
 
 from selfsup import checkpoint as ckpt
+from selfsup import elastic
 from selfsup import rundir
 from selfsup.collective import any_rank
 
@@ -126,13 +127,12 @@ def _set_aside(trainer, paths: list[Path], why: str, note: str) -> None:
 
 def _restore(trainer, path: Path, state: dict, rank_state: dict | None) -> None:
     trainer.state.update({k: state[k] for k in trainer.state if k in state})
-    if rank_state is None:  # different process count: restart the interrupted epoch's stream
-        trainer.acc.print(f"resume: {path} was written by {state.get('world_size')} processes; "
-                          "data position restarts at the current epoch")
-        trainer.state["batch_in_epoch"] = 0
-    else:
+    if rank_state is not None:
         trainer.generator.set_state(rank_state["generator"])
         trainer.positions = dict(rank_state["positions"])
-        if rank_state.get("num_workers") != trainer.cfg.data.num_workers:
-            trainer.state["batch_in_epoch"], trainer.positions = 0, {}
+    if elastic.layout_changed(trainer, state, rank_state):  # another layout: selfsup.elastic
+        trainer.acc.print(elastic.continue_epoch(trainer, path, state))
+    if getattr(trainer, "seen", None) is not None:  # data.record_keys
+        trainer.seen.restore(path, trainer.state["epoch"], state.get("world_size", 1),
+                             trainer.acc.is_main_process)
     trainer.acc.print(f"resumed from {path} at step {trainer.state['step']}")

@@ -24,6 +24,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 
 from selfsup import checkpoint as ckpt
+from selfsup import elastic
 from selfsup import resume as resuming
 from selfsup.integrity import damage
 from selfsup import rundir
@@ -110,14 +111,23 @@ class Trainer:
 
         if not cfg.data.train:
             raise RecipeError("data.train is not set: pass data.train=SHARDS (see docs/formats.md)")
-        self.loader = ShardLoader(cfg.data.train, batch_size=cfg.train.batch_size,
+        # a resume on another number of processes keeps the global batch: selfsup.elastic
+        self.batch_size, self.accum, note = elastic.batch_layout(cfg, acc.num_processes, self.run_dir,
+                                                                 accept_changes)
+        if note:
+            acc.print(note)
+        self.loader = ShardLoader(cfg.data.train, batch_size=self.batch_size,
                                   rank=acc.process_index, world_size=acc.num_processes,
                                   num_workers=cfg.data.num_workers, seed=cfg.run.seed,
                                   views=objective.views(), decode=cfg.data.decode,
                                   shuffle_buffer=cfg.data.shuffle_buffer,
-                                  samples_per_epoch=cfg.data.samples_per_epoch)
-        accum = cfg.train.grad_accum
-        self.global_batch = cfg.train.batch_size * acc.num_processes * accum
+                                  samples_per_epoch=cfg.data.samples_per_epoch, grad_accum=self.accum)
+        if self.loader.dropped and acc.is_main_process:
+            acc.print(f"data: {self.loader.samples_per_epoch} samples an epoch; the last "
+                      f"{self.loader.dropped} of each epoch's order (fewer than one global batch, "
+                      "different ones every epoch) are left out")
+        accum = self.accum
+        self.global_batch = self.batch_size * acc.num_processes * accum
         steps_per_epoch = self.loader.batches_per_epoch / accum
         self.total_steps = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * steps_per_epoch))
         oc = cfg.optim
@@ -129,14 +139,18 @@ class Trainer:
         optimizer = create_optimizer(objective, oc, lr, acc.device)  # fused/foreach updates
         self.optim_hyper = recipe_hyperparameters(optimizer)  # what a resume must not undo
         warmup = round(oc.warmup_epochs * steps_per_epoch)
+        if warmup >= self.total_steps and acc.is_main_process:
+            warn(f"optim.warmup_epochs={oc.warmup_epochs:g} ({warmup} steps) covers the whole run "
+                 f"of {self.total_steps} steps: the peak lr {lr:.3g} is never reached")
         self.scheduler = lr_scheduler(optimizer, self.total_steps, warmup, oc.warmup_lr, oc.min_lr)
         self.model, self.optimizer = acc.prepare(objective, optimizer)
         self.objective = acc.unwrap_model(self.model)
         self.ema = EMA(self.objective.momentum_pairs())  # on the device: gathered once
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + acc.process_index)
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0,
-                      "corrupt_samples": 0}
+                      "corrupt_samples": 0, "segment": None}  # segment: exact epochs' plan
         self.positions: dict = {}
+        self.seen = elastic.SeenKeys(self.run_dir, acc.process_index) if cfg.data.record_keys else None
         self.stops = StopSignals(self._where_stopped)  # SIGTERM/SIGUSR1: selfsup.stopping
         self.monitor = Monitor(cfg, acc.device)
 
@@ -150,9 +164,12 @@ class Trainer:
     def save(self) -> Path:
         self._check_weights()
         state = {**self.state, "world_size": self.acc.num_processes,
-                 "total_steps": self.total_steps}
+                 "total_steps": self.total_steps, "batch_size": self.batch_size,
+                 "grad_accum": self.accum}
         rank_state = {"generator": self.generator.get_state(), "positions": self.positions,
                       "num_workers": self.cfg.data.num_workers}
+        if self.seen is not None:
+            rank_state["seen"] = self.seen.mark(self.state["epoch"])
         path = ckpt.save_checkpoint(self.acc, self.run_dir, self.state["step"], state, rank_state,
                                     self.cfg.checkpoint.keep, recipe=OmegaConf.to_yaml(self.cfg))
         self.export()
@@ -199,16 +216,21 @@ class Trainer:
     def batches(self):
         """Endless stream of this rank's batches; keeps the data position up to date."""
         while True:
+            if self.state["segment"] is None:  # exact epochs: the epoch's plan, kept in checkpoints
+                self.state["segment"] = self.loader.first_segment()
             for batch in self.loader.epoch(self.state["epoch"], self.state["batch_in_epoch"],
-                                           self.positions):
+                                           self.positions, self.state["segment"]):
                 self.state["batch_in_epoch"] += 1
                 self.positions[batch["role"]] = batch["drawn"]
+                if self.seen is not None:
+                    self.seen.record(self.state["epoch"], batch["key"])
                 # epochs completed before this batch (fractional): for objectives with warm-ups
                 batch["epoch"] = (self.state["epoch"] + (self.state["batch_in_epoch"] - 1)
                                   / self.loader.batches_per_epoch)
                 yield batch
             self.state["epoch"] += 1
             self.state["batch_in_epoch"] = 0
+            self.state["segment"] = None
             self.positions = {}
 
     def _where_stopped(self) -> str:
@@ -240,6 +262,8 @@ class Trainer:
         finally:  # also on Preempted / Diverged: the JSONL and TensorBoard files are flushed
             bar.close()
             log.close()
+            if self.seen is not None:
+                self.seen.close()
             self._lock.release()
             self.stops.disarm()
 
@@ -267,7 +291,7 @@ class Trainer:
 
     def _loop(self, log: MetricsLog, bar: Progress) -> dict:
         cfg, acc = self.cfg, self.acc
-        accum, device = cfg.train.grad_accum, acc.device
+        accum, device = self.accum, acc.device
         data = self.batches()
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "loss": 0.0, "corrupt": 0}
         last = {}
