@@ -3,6 +3,7 @@ sample of the index once per epoch, minus the reported remainder, also across a 
 another number of processes or workers, which keeps the global batch and so the lr."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def resume_from(full, tmp_path, step=3):
 
 
 @pytest.mark.parametrize("procs,workers,layout", [
-    (1, 2, "train.batch_size 6, train.grad_accum 2 keep the global batch of 12"),
+    (1, 2, "train.batch_size 12, train.grad_accum 1 keep the global batch of 12"),
     (3, 1, "train.batch_size 4, train.grad_accum 1 keep the global batch of 12"),
     (2, 3, None)])
 def test_a_resume_on_another_layout_uses_each_key_once_with_the_same_global_batch(full, tmp_path, procs,
@@ -137,14 +138,21 @@ def test_a_global_batch_that_does_not_split_is_refused_unless_accepted(full, tmp
         batch_layout(cfg, 5, run, accept=False)
     assert batch_layout(cfg, 5, run, accept=True)[:2] == (6, 1)
     assert batch_layout(cfg, 4, run, accept=False)[:2] == (3, 1)
+    cfg.train.grad_accum = 2  # less memory per process: the batch follows the accumulation
+    assert batch_layout(cfg, 1, run, accept=True)[:2] == (6, 2)
+    cfg.train.grad_accum = 5  # does not divide: the accumulation closest to it that does
+    assert batch_layout(cfg, 3, run, accept=True)[:2] == (1, 4)
     # accepted end to end (1 process, a per-process batch of 4): the lr follows the linear rule
     args = [TINY, f"data.train={full.index}", f"run.dir={run}", "data.num_workers=0", *COMMON,
             "train.batch_size=4", "--accept-changes"]
     assert train_main(args) == 0
     out = capsys.readouterr().out
     assert "train.batch_size: 6 -> 4" in out
-    lr = records(run)[4]["lr"]
-    full_lr = records(full.run)[4]["lr"]
-    assert lr / full_lr == pytest.approx((4 / 256) / (12 / 256), rel=0.05)  # the cosine moves it a little
-    got = seen(run)  # epoch 0 still has each key once: 36 before, 60 after (15 steps of 4)
-    assert sum(got.values()) == 96 and set(got.values()) == {1}
+    # 25 steps an epoch now (100 // 4), so step 4 is 3 of a cosine over 25 steps, from 1e-3 x 4/256
+    assert records(run)[4]["lr"] == pytest.approx(1e-3 * 4 / 256 * 0.5 * (1 + math.cos(math.pi * 3 / 25)))
+    assert records(full.run)[4]["lr"] == pytest.approx(1e-3 * 12 / 256 * 0.5 * (1 + math.cos(math.pi * 3 / 8)))
+    # epoch 0 still has each key once: 36 before, then the 64 left make 16 steps of 4, the
+    # remainder of the old layout included
+    got = seen(run)
+    assert sum(got.values()) == 100 and set(got.values()) == {1} and set(got) == full.keys
+    assert records(run)[19]["epoch"] == 1.0

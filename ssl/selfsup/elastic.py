@@ -2,11 +2,14 @@
 
 * **The global batch is kept.** A run's global batch (``train.batch_size`` x processes x
   ``train.grad_accum``) is part of what it computes (the lr follows it, and the loss of a
-  contrastive method depends on it). On a resume with another number of processes,
-  :func:`batch_layout` therefore picks the per-process batch and accumulation that give the
-  checkpoint's global batch: the smallest accumulation whose per-process batch is at most the
-  recipe's (so that it still fits in memory). Where no split exists (a global batch of 256 over 3
-  processes) the resume is refused with one line naming the process counts that work, unless
+  contrastive method depends on the batch it gathers). On a resume with another number of
+  processes, :func:`batch_layout` therefore changes the per-process batch so that the
+  checkpoint's global batch is kept, with the recipe's accumulation: a micro-batch's loss then
+  still sees the same number of samples (accumulation would split the contrastive batch). To keep
+  memory per process instead, raise ``train.grad_accum`` (with ``--accept-changes``): the batch is
+  then recomputed for that accumulation. Only where the accumulation does not divide does it
+  change too (the one closest to the recipe's). Where no split exists (a global batch of 256 over
+  3 processes) the resume is refused with one line naming the process counts that work, unless
   ``--accept-changes``: then the run goes on with the recipe's per-process batch, the new global
   batch, and the learning rate that ``optim.lr_scaling`` gives it, and says so.
 * **The epoch goes on where it stopped.** The checkpoint stores what was left of the epoch when
@@ -55,12 +58,16 @@ def batch_layout(cfg, world: int, run_dir: Path, accept: bool) -> tuple[int, int
     if saved is None or saved[0] == world:
         return batch, accum, None
     old_world, old_batch, old_accum = saved
-    if (old_batch, old_accum) != (batch, accum):  # the recipe changes it: rundir judges that
-        return batch, accum, None
     G = old_world * old_batch * old_accum
+    if old_batch != batch:  # the recipe changes the batch itself: rundir judges that
+        return batch, accum, None
+    if G % (world * accum) == 0:  # the recipe's accumulation (maybe changed, to save memory)
+        per = G // (world * accum)
+        return per, accum, (f"resume: {world} processes instead of {old_world}: train.batch_size "
+                            f"{per}, train.grad_accum {accum} keep the global batch of {G}")
     if G % world == 0:
         per = G // world
-        a = next(a for a in range(1, per + 1) if per % a == 0 and per // a <= batch)
+        a = min((a for a in range(1, per + 1) if per % a == 0), key=lambda a: abs(a - accum))
         return per // a, a, (f"resume: {world} processes instead of {old_world}: train.batch_size "
                              f"{per // a}, train.grad_accum {a} keep the global batch of {G}")
     works = [n for n in range(1, min(G, 4096) + 1) if G % n == 0]
