@@ -72,7 +72,7 @@ class _ShardReader:
         url, n = self.urls[shard], self.pos
         why = f": {' '.join(str(self.errors[0]).split())[:120]}" if self.errors else " (truncated tar?)"
         self.stats["events"].append(f"{url} ended after {n} of the {self.sizes[shard]} samples its "
-                                    f"index lists{why}; its missing samples are counted as corrupt")
+                                    f"index lists{why}; {self.sizes[shard] - n} counted as corrupt")
 
 
 class EpochStream(ShardStream):

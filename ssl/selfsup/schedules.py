@@ -7,6 +7,7 @@ the learning-rate schedule cannot restart by accident (lightly-train #301).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -34,9 +35,19 @@ def lr_scheduler(optimizer, total_steps: int, warmup_steps: int, warmup_lr: floa
     one cosine over the whole run whose first steps the warm-up replaces, so every later step sees
     a lower rate (I-JEPA's 40 of 300 warm-up epochs: 21 % lower at epoch 170)."""
     after = warmup_steps > 0
-    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps if after else total_steps),
-                             lr_min=min_lr, warmup_t=warmup_steps, warmup_lr_init=warmup_lr,
-                             warmup_prefix=after, t_in_epochs=False)
+    t_initial = max(1, total_steps - warmup_steps if after else total_steps)
+    # a cosine of one step (a 1-step run, or a warm-up that covers the run) makes timm log "Cosine
+    # annealing scheduler will have no effect": true and harmless, and the trainer says in its
+    # own words when the warm-up covers the run, so timm's line is held back here
+    quiet = logging.getLogger("timm.scheduler.cosine_lr")
+    level = quiet.level
+    if t_initial == 1:
+        quiet.setLevel(logging.ERROR)
+    try:
+        return CosineLRScheduler(optimizer, t_initial=t_initial, lr_min=min_lr, warmup_t=warmup_steps,
+                                 warmup_lr_init=warmup_lr, warmup_prefix=after, t_in_epochs=False)
+    finally:
+        quiet.setLevel(level)
 
 
 def cosine(start: float, end: float, progress: float) -> float:

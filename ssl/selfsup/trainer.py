@@ -12,6 +12,7 @@ carries the augmentation RNG and the data stream's position (see :mod:`selfsup.d
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -28,6 +29,7 @@ from selfsup import elastic
 from selfsup import resume as resuming
 from selfsup.integrity import damage
 from selfsup import rundir
+from selfsup import threads as cpu_threads
 from selfsup.collective import any_rank
 from selfsup.config import RecipeError
 from selfsup.errors import warn
@@ -51,13 +53,31 @@ class Diverged(RuntimeError):
     reduced over the ranks and the weights are the same on every rank."""
 
 
+def ddp_kwargs() -> DistributedDataParallelKwargs:
+    """DDP does not broadcast rank 0's buffers before every forward pass (per-process BatchNorm
+    statistics stay per process, as the methods' split BN expects). torch 2.14 renamed that
+    argument ``forward_sync_buffers`` and warns (FutureWarning, once per process) on the old
+    ``broadcast_buffers``, the only name accelerate's handler knows; so the new one is passed
+    through the handler. Unlike the old one it still syncs buffers once at start, where every
+    process holds the same values anyway (the same seed builds the same model everywhere)."""
+    handler = DistributedDataParallelKwargs()
+    if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters:
+        handler.to_kwargs = lambda: {"forward_sync_buffers": False}
+    else:
+        handler.broadcast_buffers = False
+    return handler
+
+
 def make_accelerator(cfg) -> Accelerator:
     cpu = cfg.train.cpu or not torch.cuda.is_available()
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "fp32"
+    note = cpu_threads.apply(cfg.data.num_workers) if cpu else None  # before accelerate looks
     acc = Accelerator(cpu=cpu, mixed_precision="bf16" if precision == "bf16" else "no",
-                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+                      kwargs_handlers=[ddp_kwargs()])
+    if note:
+        acc.print(note)
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if acc.num_processes != expected:
         raise RuntimeError(f"WORLD_SIZE={expected} but accelerate started {acc.num_processes} "
