@@ -1,5 +1,10 @@
 """Streaming training data from WebDataset shards, with exact resume.
 
+Shards whose index counts every shard's samples are read as *exact epochs*
+(:mod:`selfsup.epoch_stream`: one global order, each sample once per epoch, resumable on another
+layout); this module's :class:`ShardStream` is the stream for the others (no counts, or a
+``data.samples_per_epoch`` of their own), and :class:`ShardLoader` chooses.
+
 Why a hand-written stream rather than ``wds.WebDataset(...)``: three things a multi-node run needs
 are not expressed by chaining webdataset's filters:
 
