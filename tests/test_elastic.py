@@ -74,6 +74,11 @@ def test_one_process_three_workers_uses_every_sample_once(tmp_path, capsys):
     assert seen(run, 0) != seen(run, 1)  # a different remainder left out each epoch
     order0 = (run / "seen" / "epoch-0" / "rank-0.txt").read_text().split()
     assert order0 != sorted(order0)  # shuffled
+    # a new run (resume=none) in the same run.dir starts its records afresh
+    assert train_main([TINY, f"data.train={index}", f"run.dir={run}", "data.num_workers=0",
+                       "train.batch_size=8", "train.max_steps=2", "data.record_keys=true",
+                       "resume=none"]) == 0
+    assert sum(seen(run, 0).values()) == 16 and not (run / "seen" / "epoch-1").exists()
 
 
 def test_two_processes_two_workers_use_every_sample_once(full):

@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from selfsup.epoch_stream import ExactEpoch
 from selfsup.decode import DeviceDecoder, decode_views, device_decodable, open_image
 from selfsup.errors import DataError  # noqa: F401  (raised here; also imported from here)
 from selfsup_io.shards import ShardSet, resolve_shards
@@ -240,6 +241,12 @@ class ShardStream(IterableDataset):
             yield {**batch, **_collate(out, p.views)}
 
 
+class EpochStream(ExactEpoch, ShardStream):
+    """Exact epochs (:mod:`selfsup.epoch_stream`) with this module's batches and errors."""
+
+    Error = DataError
+
+
 def check_corrupt(corrupt: int, good: int, fraction: float, samples_per_epoch: int) -> None:
     """Raise :class:`DataError` once more than ``fraction`` (``data.max_corrupt_fraction``) of
     the samples drawn so far were corrupt. Judged only after ``min(1000, samples_per_epoch)``
@@ -337,12 +344,7 @@ class ShardLoader:
                           self.world_size, max(1, self.num_workers), self.seed, epoch,
                           self.views, self.decode, self.shuffle_buffer, start_batch, positions, sizes,
                           segment or self.first_segment())
-        if plan.segment is not None:
-            from selfsup.epoch_stream import EpochStream
-
-            stream = EpochStream(plan)
-        else:
-            stream = ShardStream(plan)
+        stream = EpochStream(plan) if plan.segment is not None else ShardStream(plan)
         if self.num_workers == 0:
             return iter(stream)
         return _one_line_errors(DataLoader(stream, batch_size=None, num_workers=self.num_workers,

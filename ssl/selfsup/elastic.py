@@ -158,6 +158,9 @@ class SeenKeys:
                 with open(target, "r+") as f:
                     f.truncate(mark["bytes"])
 
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()

@@ -3,7 +3,7 @@
 processes and workers, and a resume (with the same layout or another) skips exactly the samples
 already used, without reading them.
 
-Used when the shards have an index with sample counts and ``data.samples_per_epoch`` is not set
+Used (as :class:`selfsup.data.EpochStream`) when the shards have an index with sample counts and ``data.samples_per_epoch`` is not set
 (or equals the index's count); otherwise :class:`selfsup.data.ShardStream` streams as before.
 
 A role reads its part block by block: the block's samples it needs are read front to back from
@@ -24,7 +24,6 @@ import numpy as np
 from webdataset.tariterators import tarfile_samples
 
 from selfsup import partition as pt
-from selfsup.data import DataError, ShardStream
 from selfsup.views import sample_rng
 
 
@@ -75,8 +74,12 @@ class _ShardReader:
                                     f"index lists{why}; {self.sizes[shard] - n} counted as corrupt")
 
 
-class EpochStream(ShardStream):
-    """One rank's batches of one epoch, each role reading its part of the global order."""
+class ExactEpoch:
+    """One rank's batches of one epoch, each role reading its part of the global order: mixed
+    into :class:`selfsup.data.ShardStream` (its batches, decoding and bookkeeping) as
+    :class:`selfsup.data.EpochStream`, which sets ``Error`` to its ``DataError``."""
+
+    Error = ValueError
 
     def _crop_rng(self, sample: dict, drawn: int, role: int):
         p = self.plan
@@ -88,7 +91,7 @@ class EpochStream(ShardStream):
         samples) start over at the part's beginning."""
         order, total = self.order, pt.size(part)
         if not total:
-            raise DataError("a worker with no samples in this epoch was asked for a batch")
+            raise self.Error("a worker with no samples in this epoch was asked for a batch")
         for rnd in range(1 << 30):
             todo = pt.subtract(part, pt.prefix(part, skip)) if rnd == 0 else part
             for lo, hi in todo:
@@ -99,7 +102,7 @@ class EpochStream(ShardStream):
                     at = end
             yield None
             if self.stats["decoded_in_pass"] == 0:
-                raise DataError(f"none of the {total} samples of this worker's part of epoch "
+                raise self.Error(f"none of the {total} samples of this worker's part of epoch "
                                 f"{self.plan.epoch} could be read or decoded (e.g. "
                                 f"{self.plan.urls[0]}): check data.train")
             self.stats["decoded_in_pass"] = 0

@@ -180,6 +180,8 @@ class Trainer:
         the checkpoint's first: :mod:`selfsup.resume`."""
         if resuming.resume(self) is not None:  # the groups' settings are the recipe's, not the checkpoint's
             reapply_hyperparameters(self.optimizer, self.optim_hyper)
+        elif self.seen is not None and self.acc.is_main_process:
+            self.seen.clear()  # a new run in an old run.dir: its key records start empty
 
     def save(self) -> Path:
         self._check_weights()
