@@ -113,17 +113,12 @@ class ExactEpoch:
                     "its part are used again to fill them")
 
     def _raw(self, part: pt.Intervals, skip: int):
-        """The part's raw samples in S order, read a block's worth at a time in shard order."""
-        order = self.order
-        reader = _ShardReader(self.plan.urls, [int(x) for x in order.sizes], self.stats)
-        pending: list = []
+        """The part's raw samples in S order, read a block at a time in shard order."""
+        reader = _ShardReader(self.plan.urls, [int(x) for x in self.order.sizes], self.stats)
         try:
             for chunk in self._chunks(part, skip):
-                if chunk is not None:
-                    pending += chunk
-                if pending and (chunk is None or len(pending) >= order.block):
-                    yield from self._read_block(reader, pending)
-                    pending = []
+                if chunk:  # (the reader stays open from one block to the next)
+                    yield from self._read_block(reader, chunk)
         finally:  # the role has its batches: close the shard it was reading
             reader.close()
 
