@@ -142,7 +142,7 @@ class Trainer:
                                   views=objective.views(), decode=cfg.data.decode,
                                   shuffle_buffer=cfg.data.shuffle_buffer,
                                   samples_per_epoch=cfg.data.samples_per_epoch, grad_accum=self.accum)
-        if self.loader.dropped and acc.is_main_process:
+        if self.loader.exact and self.loader.dropped and acc.is_main_process:
             acc.print(f"data: {self.loader.samples_per_epoch} samples an epoch; the last "
                       f"{self.loader.dropped} of each epoch's order (fewer than one global batch, "
                       "different ones every epoch) are left out")
