@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from selfsup.epoch_stream import ExactEpoch
-from selfsup.decode import DeviceDecoder, decode_views, device_decodable, open_image
+from selfsup.decode import (DeviceDecoder, decode_views, device_decodable, device_pixel_budget, open_image,
+                            to_device)
 from selfsup.errors import DataError  # noqa: F401  (raised here; also imported from here)
 from selfsup_io.shards import ShardSet, resolve_shards
 from selfsup.views import ViewSpec, sample_boxes, sample_rng, view_size
@@ -181,9 +182,10 @@ class ShardStream(IterableDataset):
                 raise DataError(f"none of the {seen} images in {len(mine)} shard(s) (e.g. "
                                 f"{mine[0]}) could be decoded: check data.train")
 
-    def _sample(self, sample: dict, drawn: int, role: int) -> dict:
+    def _sample(self, sample: dict, drawn: int, role: int, device_left: int = 0) -> dict:
         """One sample's views (``view``) or, for the device decoder, its JPEG bytes and boxes
-        (``jpeg``, ``boxes``). Raises on an image that cannot be read."""
+        (``jpeg``, ``boxes``, ``pixels``) when it fits the ``device_left`` pixels of the batch's
+        device budget (:func:`selfsup.decode.to_device`). Raises on an image that cannot be read."""
         p = self.plan
         data = image_member(sample)
         if data is None:
@@ -192,10 +194,11 @@ class ShardStream(IterableDataset):
         check_jpeg(data)  # ends early: PIL and nvJPEG/torchvision would return grey, no error
         width, height = img.size
         boxes = sample_boxes(p.views, height, width, self._crop_rng(sample, drawn, role))
-        if p.decode == "device" and device_decodable(img, data):
+        if p.decode == "device" and device_decodable(img, data) and \
+                to_device(width, height, boxes, view_size(p.views), device_left):
             img.close()
             check_pixels(width, height)  # decoded whole on the device: a JPEG bomb stops here
-            return {"jpeg": data, "boxes": boxes}
+            return {"jpeg": data, "boxes": boxes, "pixels": width * height}
         return {"view": decode_views(img, boxes, view_size(p.views))}
 
     def _crop_rng(self, sample: dict, drawn: int, role: int):
@@ -223,11 +226,13 @@ class ShardStream(IterableDataset):
         p = self.plan
         for _ in range(self._num_batches(role)):
             out, labels, keys = [], [], []
+            device_left = device_pixel_budget(p.batch_size)  # pixels decoded whole on the device
             while len(out) < p.batch_size:
                 sample = next(shuffled)
                 drawn += 1
                 try:
-                    out.append(self._sample(sample, drawn, role))
+                    out.append(self._sample(sample, drawn, role, device_left))
+                    device_left -= out[-1].get("pixels", 0)
                 except Exception:  # undecodable image: skip and count, never fatal
                     self.stats["corrupt"] += 1
                     continue

@@ -19,11 +19,20 @@ the same thing, uint8 views (V, 3, S, S) per sample, so what follows never knows
   path; a JPEG the device decoder still refuses is decoded on the host, and one nobody can decode takes another
   sample's views and is counted as corrupt (the batch keeps its size: every rank must). With
   ``device="cpu"`` the same code runs on the CPU, which is how the tests cover it.
+
+**The device's pixel budget** (:func:`to_device`). nvJPEG decodes a JPEG whole, at the size its
+header claims, while the CPU path decodes it DCT-scaled: 48 copies of a 1.9 KB JPEG whose header
+claims 9000 x 9000 once took 8.8 GB (243 MB each on the device) against 0.91 GB on the CPU path.
+So a worker sends a JPEG to the device only while the batch's JPEGs stay within
+:func:`device_pixel_budget` (``batch_size`` x 2 M pixels, ``SELFSUP_DEVICE_PIXELS`` pixels per
+image to change it), and never one larger than its per-image share that the CPU path would
+DCT-scale down: those are decoded scaled by the worker, as with ``decode="cpu"``.
 """
 
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import torch
@@ -33,6 +42,8 @@ from selfsup_io.images import check_pixels, to_8bit
 
 JPEG_DEVICE_MODES = ("RGB", "L")  # what nvJPEG decodes to RGB; CMYK/YCCK stay on the CPU
 JPEG_FORMATS = ("JPEG", "MPO")  # MPO: the multi-picture JPEG of many cameras (first picture)
+DEVICE_PIXELS_ENV = "SELFSUP_DEVICE_PIXELS"
+DEVICE_PIXELS_PER_IMAGE = 1 << 21  # 2 M pixels (e.g. 1672 x 1254): 6 MB decoded, per batch image
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -82,6 +93,27 @@ def device_decodable(img: Image.Image, data: bytes) -> bool:
     nvJPEG Huffman-decodes them on the host, one at a time, in the training process."""
     return img.format == "JPEG" and img.mode in JPEG_DEVICE_MODES and \
         not img.info.get("progressive") and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+
+
+def device_pixels_per_image() -> int:
+    """The per-image share of the device decoder's pixel budget (``SELFSUP_DEVICE_PIXELS``)."""
+    value = os.environ.get(DEVICE_PIXELS_ENV)
+    return int(value) if value else DEVICE_PIXELS_PER_IMAGE
+
+
+def device_pixel_budget(batch_size: int) -> int:
+    """Pixels the device decoder may decode whole for one batch (decoded RGB: 3 bytes each)."""
+    return batch_size * device_pixels_per_image()
+
+
+def to_device(width: int, height: int, boxes: torch.Tensor, size: int, left: int) -> bool:
+    """Whether a device-decodable JPEG of ``width`` x ``height`` goes to the device when ``left``
+    pixels of the batch's budget remain: not if it exceeds them, and not if it exceeds its
+    per-image share while the CPU path would decode it DCT-scaled (1/2 to 1/8 of each side)."""
+    pixels = width * height
+    if pixels > left:
+        return False
+    return pixels <= device_pixels_per_image() or dct_reduction(boxes, size) == 1
 
 
 def crop_resize(image: torch.Tensor, boxes: torch.Tensor, size: int,
