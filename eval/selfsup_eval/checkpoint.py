@@ -158,6 +158,11 @@ def validate_metadata(info: dict, where: str) -> None:
                         f"({FORMAT_VERSION}); upgrade selfsup")
     if not isinstance(info["model_name"], str) or not info["model_name"].strip():
         bad("model_name", "is not a timm model name")
+    import timm
+
+    if not timm.is_model(info["model_name"]):  # hf-hub:NAME would fetch its config from the network
+        bad("model_name", f"is not a model of timm {timm.__version__} (hub names such as hf-hub:... are "
+            "refused: nothing is downloaded at run time)")
     kwargs = info["model_kwargs"]
     if not isinstance(kwargs, dict):
         bad("model_kwargs", "is not a JSON object of timm.create_model keyword arguments")
@@ -221,6 +226,9 @@ def load_backbone(path: str, raw_size: int | None = None) -> Backbone:
     if not p.is_file():
         raise EvalError(f"checkpoint not found: {path}")
     meta = read_metadata(p)
+    from selfsup_eval.budgets import check_tensors  # (it imports this module)
+
+    shell = check_tensors(p, meta)  # the file's tensors are the model described, before building it
     model = build_model(meta)
     try:
         weights = load_file(str(p))
@@ -233,7 +241,8 @@ def load_backbone(path: str, raw_size: int | None = None) -> Backbone:
                         f"({reason[:300]}{'...' if len(reason) > 300 else ''})") from None
     model.eval()  # BatchNorm uses its running statistics (lightly #1444)
     model.requires_grad_(False)
-    bb = Backbone(f"{run_name(p)}@{meta.get('step', '?')}", str(path), meta, model, file_digest(p))
+    bb = Backbone(f"{run_name(p)}@{meta.get('step', '?')}", str(path), meta, model, file_digest(p),
+                  {"meta_model": shell})  # shapes only: sizes the extraction batch (budgets.py)
     check_feature_dim(bb)
     return bb
 
@@ -257,14 +266,16 @@ def check_feature_dim(bb: Backbone) -> None:
 
 def raw_backbone(raw_size: int | None) -> Backbone:
     """The checkpoint-free baseline. Channels and, without ``--raw-size``, the size come from
-    the first train sample (:func:`resolve_raw`), so train and val features match."""
+    the train split (:func:`selfsup_eval.budgets.raw_shape`, then :func:`resolve_raw`), so train
+    and val features match."""
     meta = {"model_name": None, "input_size": raw_size, "objective": "none", "step": 0,
             "pool": "pixels", "channels": None}
     return Backbone(RAW, RAW, meta, None, "")
 
 
 def resolve_raw(bb: Backbone, size: tuple[int, int], channels: int) -> None:
-    """Fix the raw baseline's transform from the first train image (W, H) and channel count."""
+    """Fix the raw baseline's transform from a (W, H) size (its shorter side, unless
+    ``--raw-size`` gave one) and the channel count."""
     if bb.meta.get("input_size") is None:
         w, h = size
         bb.meta["input_size"] = min(w, h)

@@ -2,8 +2,8 @@
 
 CHECKPOINT is an exported ``.safetensors`` file, a run directory (every
 ``export/backbone-step*.safetensors`` in it ordered by step, else ``export/backbone.safetensors``),
-``raw-pixels`` (no network: the decoded pixels in [0, 1] are the features, at their native
-size or ``--raw-size``) or, with ``--model TIMM_NAME``, another framework's checkpoint
+``raw-pixels`` (no network: the decoded pixels in [0, 1] are the features, at the median size
+of the first 64 train images, at most 64, or ``--raw-size``) or, with ``--model TIMM_NAME``, another framework's checkpoint
 (:mod:`selfsup_eval.foreign`). ``--baseline CHECKPOINT`` adds a reference evaluated by k-NN only
 and listed first (``--baseline raw-pixels``). What runs on the features in which mode (k-NN,
 linear, k-NN ⊕ linear, ``--shots``/``--fraction`` low-shot protocols) is :mod:`selfsup_eval.probes`.
@@ -29,7 +29,7 @@ import sys
 import torch
 
 from selfsup_eval import report
-from selfsup_eval.checkpoint import EvalError, expand_checkpoints, run_dir_of
+from selfsup_eval.checkpoint import MAX_INPUT_SIZE, EvalError, expand_checkpoints, run_dir_of
 from selfsup_eval.common import (add_model_arguments, check_checkpoint, check_class_sets, check_labelled,
                                  load_any, prepare_raw, resolve, run_guarded)
 from selfsup_eval.features import cached_features, default_cache_dir, dist_info
@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference evaluated by k-NN only and listed first (e.g. raw-pixels); repeatable")
     add_model_arguments(p)
     p.add_argument("--raw-size", type=int, default=None, metavar="N",
-                   help="raw-pixels: resize + centre-crop to N (default: native size)")
+                   help="raw-pixels: resize + centre-crop to N (default: the median shorter side of "
+                   "the first 64 train images, at most 64; N at most 2048)")
     p.add_argument("--max-corrupt-fraction", type=float, default=DEFAULT_MAX_CORRUPT_FRACTION, metavar="F",
                    help="more unreadable samples than this fraction of a split is an error (default "
                    f"{DEFAULT_MAX_CORRUPT_FRACTION}; selfsup_eval.sample_checks)")
@@ -116,6 +117,8 @@ def check(args, error):
         error("--temperature must be positive")
     if args.batch_size < 1 or (args.raw_size is not None and args.raw_size < 1):
         error("--batch-size and --raw-size must be positive")
+    if args.raw_size is not None and args.raw_size > MAX_INPUT_SIZE:
+        error(f"--raw-size must be at most {MAX_INPUT_SIZE}")
     if args.shots and min(args.shots) < 1:
         error("--shots values must be at least 1")
     if args.fraction and not all(0 < f <= 1 for f in args.fraction):
@@ -170,7 +173,8 @@ def evaluate(args) -> list[dict]:
     if train.num_samples is not None:
         check_k(args, train.num_samples)
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
-    kw = dict(batch_size=args.batch_size, device=args.device, workers=args.workers)
+    kw = dict(batch_size=args.batch_size, device=args.device, workers=args.workers,
+              class_names=train.class_names or val.class_names)  # labels beyond them: bad labels
     records = []
     for path, baseline in entries:
         bb = load_any(path, args)

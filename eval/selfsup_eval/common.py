@@ -16,7 +16,8 @@ import sys
 import torch
 
 from selfsup_eval.checkpoint import RAW, EvalError, has_selfsup_metadata, load_backbone, read_metadata, resolve_raw
-from selfsup_eval.data import first_sample, image_info
+from selfsup_eval.budgets import raw_shape
+from selfsup_eval.data import first_sample
 from selfsup_eval.features import dist_info
 from selfsup_eval.foreign import build_timm, load_foreign
 
@@ -115,11 +116,8 @@ def load_any(path: str, args):
 
 
 def prepare_raw(bb, train) -> None:
-    s = first_sample(train.urls)
-    if s is None or s.data is None:
-        raise EvalError("raw-pixels: cannot read the first train image to fix the raw size")
-    size, channels = image_info(s.data)
-    resolve_raw(bb, size, channels)
+    side, channels = raw_shape(train.urls)  # the median of a sample, capped (budgets.py)
+    resolve_raw(bb, (side, side), channels)
 
 
 def init_distributed(args) -> bool:

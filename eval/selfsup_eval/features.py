@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from selfsup_eval.budgets import class_limit, drop_out_of_range, extraction_batch
 from selfsup_eval.checkpoint import Backbone, EvalError
 from selfsup_eval.data import Problems, iter_samples, safe_decode
 from selfsup_io.progress import Progress
@@ -108,6 +109,7 @@ def extract(bb: Backbone, urls: list[str], *, batch_size: int = 256, device="cpu
     ``require_labels=False`` keeps unlabelled samples, label -1.
     """
     rank, world = dist_info()
+    batch_size = extraction_batch(bb, batch_size, quiet=rank != 0)  # within SELFSUP_EVAL_BATCH_GB
     settings = transform_settings(bb, device)
     size, channels = settings["size"], settings["channels"]
     mean = torch.tensor(settings["mean"], device=device).view(1, -1, 1, 1)
@@ -263,11 +265,20 @@ def _save(path: Path, data: dict) -> None:
         print(f"selfsup-eval: warning: cannot write the feature cache {path} ({e})", file=sys.stderr)
 
 
-def cached_features(bb: Backbone, urls: list[str], cache_dir: str | None, *, device="cpu", **kw) -> dict:
+def cached_features(bb: Backbone, urls: list[str], cache_dir: str | None, *, device="cpu",
+                    class_names=None, **kw) -> dict:
     """:func:`extract`, served from ``cache_dir`` when this (checkpoint, shards, transform) has
     been extracted before. Rank 0 reads and writes the cache; under torchrun it tells the other
-    processes whether to extract, and hands them keys and labels on a hit."""
+    processes whether to extract, and hands them keys and labels on a hit. Samples whose label
+    is not one of the index's ``class_names`` (or beyond ``budgets.MAX_CLASSES``) are dropped and
+    counted as corrupt, fresh or cached alike."""
     rank, world = dist_info()
+    return drop_out_of_range(_cached_features(bb, urls, cache_dir, rank, world, device=device, **kw),
+                             class_limit(class_names), quiet=rank != 0)
+
+
+def _cached_features(bb: Backbone, urls: list[str], cache_dir: str | None, rank: int, world: int, *,
+                     device="cpu", **kw) -> dict:
     path = Path(cache_dir) / f"{cache_key(bb, urls, device)}.pt" if cache_dir else None
     data = _load(path) if path is not None and rank == 0 and path.is_file() else None
     if world > 1:
