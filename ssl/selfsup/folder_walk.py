@@ -13,6 +13,7 @@ as not written, never dropped silently.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -65,3 +66,22 @@ def class_files(root: Path, class_to_idx: dict,
     if empty:
         raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
     return samples, skipped
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of a regular file (through links); anything else is refused without blocking:
+    ``open`` on a FIFO named ``x.jpg`` waited forever for a writer. Opened non-blocking, then
+    checked with ``fstat`` on the descriptor, so a file swapped after the walk is caught too."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file"
+            raise ValueError(f"not a regular file ({kind})")
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = None
+            return f.read()
+    finally:
+        if fd is not None:
+            os.close(fd)

@@ -52,12 +52,16 @@ LOCK_WAIT_ENV = "SELFSUP_LOCK_WAIT"
 UNSUPPORTED = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)
 class RunDirLock:
     """Exclusive ``flock`` on ``RUN_DIR/.lock`` (see the module docstring); ``release()`` or the
-    end of the process frees it."""
+    end of the process frees it. ``selfsup-shards`` locks its output folder and split the same
+    way (``name=".SPLIT.lock"``, ``what``/``prog``/``fix`` for its messages), and with
+    ``remove=True`` leaves no lock file behind."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, name: str = LOCK_FILE, what: str = "",
+                 prog: str = "selfsup-train", fix: str = "use another run.dir", remove: bool = False):
         import fcntl
 
-        self.path = Path(run_dir) / LOCK_FILE
+        self.path, self.remove = Path(run_dir) / name, remove
+        what = what or f"run.dir {self.path.parent}"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         deadline = time.monotonic() + float(os.environ.get(LOCK_WAIT_ENV) or 0)
@@ -65,12 +69,16 @@ class RunDirLock:
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                if not remove or self._linked():
+                    break
+                os.close(self.fd)  # locked a file its last holder had removed: lock the new one
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                continue
             except OSError as e:
                 if e.errno in UNSUPPORTED:
-                    print(f"selfsup-train: warning: cannot lock {self.path} ({os.strerror(e.errno)}: "
-                          "the file system has no flock); make sure no other trainer uses this "
-                          "run.dir", flush=True)
+                    print(f"{prog}: warning: cannot lock {self.path} ({os.strerror(e.errno)}: "
+                          f"the file system has no flock); make sure no other {prog} uses {what}",
+                          flush=True)
                     return
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     os.close(self.fd)
@@ -81,10 +89,10 @@ class RunDirLock:
                     os.close(self.fd)
                     self.fd = None
                     raise RunDirError(
-                        f"run.dir {self.path.parent} is in use by another trainer ({holder}); "
-                        "wait for it to finish or use another run.dir") from None
+                        f"{what} is in use by another {'trainer' if prog == 'selfsup-train' else prog} "
+                        f"({holder}); wait for it to finish or {fix}") from None
                 if not waited:
-                    print(f"selfsup-train: waiting up to {os.environ.get(LOCK_WAIT_ENV)} s "
+                    print(f"{prog}: waiting up to {os.environ.get(LOCK_WAIT_ENV)} s "
                           f"({LOCK_WAIT_ENV}) for the lock on {self.path} ({self._holder()})",
                           flush=True)
                     waited = True
@@ -109,8 +117,19 @@ class RunDirLock:
             os.close(self.fd)  # this process's reference only: the parent still holds the flock
             self.fd = None
 
+    def _linked(self) -> bool:
+        """Whether the locked descriptor is still the file at ``path`` (``remove=True``: a
+        holder unlinks the file before it unlocks, and a waiter that then gets the lock on the
+        unlinked file must not count it)."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            return False
+
     def release(self) -> None:
         if self.fd is not None:
+            if self.remove:  # (removed while still locked: see _linked)
+                self.path.unlink(missing_ok=True)
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
 

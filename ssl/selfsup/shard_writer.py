@@ -30,7 +30,10 @@ Writer choices worth knowing:
   an interrupted run never leaves an index that describes half-written shards. Shards of the same
   split left over from an earlier, longer run are removed. Tars are byte-reproducible (mtime 0).
   The index records the options that shaped the members: ``image_format`` (``keep``, ``png`` or
-  ``jpg``) and ``max_side`` (null or N).
+  ``jpg``) and ``max_side`` (null or N). A run holds ``OUT/.SPLIT.lock`` (``flock``, as
+  ``run.dir`` is locked): a second writer of the same folder and split exits 2 naming the first.
+  Only regular files are read: a FIFO or device named ``x.jpg`` is skipped and named, not opened
+  to wait forever.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -54,7 +58,8 @@ from selfsup_io.progress import Progress
 from selfsup_io.images import check_pixels, to_8bit
 from selfsup_io.jpeg_check import check_jpeg
 from selfsup_io.shards import INDEX_FORMAT, SHARD_NAME
-from selfsup.folder_walk import class_files
+from selfsup.folder_walk import class_files, read_regular
+from selfsup.rundir import RunDirLock
 
 # data sets torchvision reads with a split argument: the torchvision splits that --split train and
 # --split test/val write, VTAB's choice of them (docs/transfer-suite.md): DTD and Flowers102 train on
@@ -186,7 +191,7 @@ def _folder_source(path: Path, image_format: str, max_side: int | None, quality:
         for file, label in samples:
             extra = {"path": os.path.relpath(file, path)}
             try:
-                member = _folder_member(Path(file).read_bytes(), image_format, max_side, quality)
+                member = _folder_member(read_regular(file), image_format, max_side, quality)
             except Exception as e:  # unreadable file, truncated data, decompression bomb, ...
                 yield None, label, {"file": file, "error": _unreadable_reason(e)}
                 continue
@@ -296,8 +301,6 @@ def write_shards(source: str, out_dir: str, split: str, shard_size: int = 5000,
                  torchvision_split: str | None = None, max_side: int | None = None) -> Path:
     """Write ``OUT/SPLIT-%06d.tar`` + ``OUT/SPLIT.json`` (see the module docstring). Unreadable
     image files are skipped; their count and one example go to stderr at the end."""
-    import webdataset as wds
-
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format {image_format!r}: expected one of {', '.join(IMAGE_FORMATS)}")
     if max_side is not None and max_side < MIN_MAX_SIDE:
@@ -318,6 +321,20 @@ def write_shards(source: str, out_dir: str, split: str, shard_size: int = 5000,
                          f"{bad['file']} ({bad['error']})" if bad else f"SOURCE {source} has no images")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lock = RunDirLock(out, f".{split}.lock", f"split {split} of {out}", "selfsup-shards",
+                      "write another folder or split", remove=True)  # two writers would mix shards
+    try:
+        return _write(out, split, items, skipped, total, class_names, shard_size, image_format,
+                      quality, max_side)
+    finally:
+        lock.release()
+
+
+def _write(out: Path, split: str, items, skipped: list, total: int, class_names, shard_size: int,
+           image_format: str, quality: int, max_side: int | None) -> Path:
+    """:func:`write_shards` once OUT/SPLIT is locked."""
+    import webdataset as wds
+
     index_path = out / f"{split}.json"
     index_path.unlink(missing_ok=True)  # no index describing a mix of old and new shards
     shards: list[dict] = []
@@ -408,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torchvision-split", choices=("train", "test"), default=None,
                    help="torchvision set to read when --split is not train/test/val")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # cleans up its .tmp files as Ctrl-C does
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.split):
         p.error(f"--split {args.split!r}: use letters, digits, '-' and '_' only (it is part of every key)")
     if args.shard_size < 1:

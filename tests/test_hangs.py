@@ -1,0 +1,134 @@
+"""Hangs and things left running (issue 30, B): a stalled ``pipe:`` shard, a FIFO among the
+images, two shard writers on one folder. Every wait here is bounded by a timeout, so a
+regression fails instead of hanging the suite."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, child_env
+
+
+def _png(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 10), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _folder(root):
+    for c, colour in (("c0", (200, 10, 10)), ("c1", (10, 200, 10))):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            (root / c / f"{i}.png").write_bytes(_png(colour))
+    return root
+
+
+def _no_leftovers(out) -> None:
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------ 6. regular files only ----
+def test_a_fifo_among_the_images_is_skipped_and_named_not_waited_on(tmp_path):
+    src = _folder(tmp_path / "src")
+    os.mkfifo(src / "c0" / "x.jpg")  # nobody ever writes to it: open() for reading would block
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "selfsup.shard_writer", str(src), str(out), "--split", "train"],
+                          env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 unreadable file(s)" in proc.stderr and "x.jpg (ValueError: not a regular file (a FIFO))" in proc.stderr
+    index = json.loads((out / "train.json").read_text())
+    assert index["num_samples"] == 6
+    _no_leftovers(out)
+
+
+def test_read_regular_refuses_what_is_not_a_file_and_reads_through_links(tmp_path):
+    from selfsup.folder_walk import read_regular
+
+    (tmp_path / "a.jpg").write_bytes(b"abc")
+    os.symlink(tmp_path / "a.jpg", tmp_path / "link.jpg")
+    assert read_regular(str(tmp_path / "link.jpg")) == b"abc"
+    os.mkfifo(tmp_path / "f.jpg")
+    with pytest.raises(ValueError, match=r"not a regular file \(a FIFO\)"):
+        read_regular(str(tmp_path / "f.jpg"))
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_regular("/dev/null")
+
+
+def test_a_writer_stopped_by_sigterm_leaves_no_temporary_shard(tmp_path):
+    """SIGTERM (scheduler, `kill`) mid-shard: the .tar.tmp is removed as on Ctrl-C, exit 143."""
+    src = _folder(tmp_path / "src")
+    out, flag = tmp_path / "out", tmp_path / "stalled"
+    script = ("import sys, time, pathlib; import selfsup.folder_walk as fw; import selfsup.shard_writer as sw\n"
+              "real, n = fw.read_regular, [0]\n"
+              "def slow(p):\n"
+              "    n[0] += 1\n"
+              "    if n[0] == 3: pathlib.Path(sys.argv[3]).touch(); time.sleep(120)\n"
+              "    return real(p)\n"
+              "sw.read_regular = slow\n"
+              "sys.exit(sw.main([sys.argv[1], sys.argv[2], '--split', 'train']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(src), str(out), str(flag)], env=child_env(),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if flag.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert flag.exists() and list(out.glob("*.tar.tmp")), "the writer did not reach its first shard"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        proc.kill()
+    _no_leftovers(out)
+    assert not (out / "train.json").exists()
+
+
+# ---------------------------------------------------------------- 7. one writer per split ----
+def test_a_second_writer_of_the_same_folder_and_split_is_refused(tmp_path, capsys):
+    from selfsup.rundir import RunDirLock
+    from selfsup.shard_writer import main
+
+    src, out = _folder(tmp_path / "src"), tmp_path / "out"
+    assert main([str(src), str(out), "--split", "train"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    held = RunDirLock(out, ".train.lock", remove=True)  # as a running selfsup-shards holds it
+    try:
+        with pytest.raises(SystemExit) as e:
+            main([str(src), str(out), "--split", "train", "--shard-size", "2"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"selfsup-shards: error: split train of {out} is in use by another "
+                                  f"selfsup-shards (host ") and f"pid {os.getpid()}" in err[-1]
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".train.lock"} == before
+        assert main([str(src), str(out), "--split", "val"]) == 0  # another split: not blocked
+    finally:
+        held.release()
+    assert main([str(src), str(out), "--split", "train", "--shard-size", "2"]) == 0
+    assert json.loads((out / "train.json").read_text())["num_samples"] == 6
+    _no_leftovers(out)  # the lock file goes with its last holder
+
+
+def test_a_lock_file_removed_by_its_holder_is_not_taken_by_a_waiter(tmp_path):
+    """remove=True: the holder unlinks the file, then unlocks; a waiter that had opened the old
+    file must lock the new one, or two writers would each hold 'the' lock."""
+    import fcntl
+
+    from selfsup.rundir import RunDirLock
+
+    first = RunDirLock(tmp_path, ".s.lock", remove=True)
+    stale = os.open(tmp_path / ".s.lock", os.O_RDWR)  # a waiter's descriptor of the same file
+    first.release()
+    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the waiter locks the removed file...
+    second = RunDirLock(tmp_path, ".s.lock", remove=True)  # ...which does not block a real lock
+    assert os.fstat(second.fd).st_ino != os.fstat(stale).st_ino
+    os.close(stale)
+    second.release()
+    assert not (tmp_path / ".s.lock").exists()
