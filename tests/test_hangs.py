@@ -132,3 +132,80 @@ def test_a_lock_file_removed_by_its_holder_is_not_taken_by_a_waiter(tmp_path):
     os.close(stale)
     second.release()
     assert not (tmp_path / ".s.lock").exists()
+
+
+# ------------------------------------------------------- 5. a stalled pipe: shard command ----
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def _pids(folder) -> list[int]:
+    return [int(p.read_text()) for p in sorted(folder.glob("*.pid")) if p.read_text().strip()]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stop_signal_ends_a_stalled_pipe_and_leaves_nothing_running(tmp_path, workers):
+    """`pipe:` that never delivers, with a child in the background: SIGTERM → exit 75 within
+    seconds (workers=0 waited up to 7,200 s for the command), and the command, its background
+    child included, is gone (workers=1 left them running as orphans)."""
+    spec = (f"pipe:echo $$ > {tmp_path}/sh.pid; sleep 300 & echo $! > {tmp_path}/bg.pid; "
+            f"touch {tmp_path}/reading; exec sleep 301")
+    cmd = [sys.executable, "-m", "selfsup.cli", str(ROOT / "recipes" / "tiny.yaml"), f"data.train={spec}",
+           "data.samples_per_epoch=64", f"data.num_workers={workers}", f"run.dir={tmp_path / 'run'}"]
+    log = tmp_path / "stderr.log"  # a file: the pipe's sleeps would hold a pipe open
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cmd, env={**child_env(), "SELFSUP_STOP_WAIT": "1"}, stderr=stderr,
+                                stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):
+            if (tmp_path / "reading").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (tmp_path / "reading").exists(), log.read_text()[-2000:]
+        pids = _pids(tmp_path)
+        assert len(pids) == 2 and all(map(_alive, pids))
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        assert rc == 75, log.read_text()[-2000:]
+        for _ in range(50):  # killed at once; the kernel may take a moment to reap
+            if not any(map(_alive, pids)):
+                break
+            time.sleep(0.1)
+        assert not [p for p in pids if _alive(p)], "the pipe's processes outlived the trainer"
+    finally:
+        proc.kill()
+        for pid in _pids(tmp_path):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_pipe_read_to_its_end_keeps_its_exit_status_and_an_abandoned_one_is_killed(tmp_path):
+    import tarfile as tf
+
+    from selfsup_io.pipes import open_url, tar_samples
+
+    with tf.open(tmp_path / "s.tar", "w") as t:
+        for i in range(3):
+            info = tf.TarInfo(f"k{i}.cls")
+            info.size = 1
+            t.addfile(info, io.BytesIO(b"1"))
+    errors = []
+    list(tar_samples(f"pipe:cat {tmp_path}/s.tar; exit 3", handler=lambda e: errors.append(e) or True))
+    assert errors and all("exit 3" in str(e) for e in errors)  # as webdataset reports a failed command
+    got = list(tar_samples(f"pipe:cat {tmp_path}/s.tar"))  # exit 0: every sample, no error
+    assert [s["__key__"] for s in got] == ["k0", "k1", "k2"]
+    stream = open_url(f"pipe:echo $$ > {tmp_path}/a.pid; exec sleep 300")
+    for _ in range(100):
+        if _pids(tmp_path):
+            break
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    stream.close()  # abandoned while the command still runs: its group is killed
+    assert time.monotonic() - t0 < 10 and not _alive(_pids(tmp_path)[0])

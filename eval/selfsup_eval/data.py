@@ -146,10 +146,11 @@ def _to_sample(raw: dict, order: tuple[int, int]) -> Sample:
 
 def shard_samples(url: str) -> Iterator[dict]:
     """The raw webdataset samples of one shard (local path, ``pipe:``, http(s)); errors raise."""
-    from webdataset.gopen import gopen
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    stream = gopen(url)
+    from selfsup_io.pipes import open_url
+
+    stream = open_url(url)  # a pipe: command is killed when the reading stops
     finished = False
     try:
         files = ({**f, "__url__": url} for f in tar_file_iterator(stream))

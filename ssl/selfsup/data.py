@@ -18,7 +18,8 @@ are not expressed by chaining webdataset's filters:
   batch order is the same as if the run had never stopped.
 * **Corrupt samples are skipped and counted**, never fatal; the count travels with the batches.
 
-Tar reading itself (local files, ``pipe:`` commands, http URLs) is webdataset's.
+Tar reading itself (local files, ``pipe:`` commands, http URLs) is webdataset's; ``pipe:``
+commands run in a process group that is killed when the reader stops (:mod:`selfsup_io.pipes`).
 
 Each sample becomes its views, uint8 (V, 3, S, S): the crop boxes are drawn over the whole
 original image from its header size (:mod:`selfsup.views`, the objective says which views), then
@@ -36,7 +37,6 @@ from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
 
 from selfsup.epoch_stream import ExactEpoch
 from selfsup.decode import (DeviceDecoder, decode_views, device_decodable, device_pixel_budget, open_image,
@@ -47,6 +47,7 @@ from selfsup.views import ViewSpec, sample_boxes, sample_rng, view_size
 from selfsup_io import BadLabel, image_member, label_member
 from selfsup_io.images import check_pixels
 from selfsup_io.jpeg_check import check_jpeg
+from selfsup_io.pipes import tar_samples  # pipe: commands die with their reader
 
 DECODE_MODES = ("cpu", "device")
 
@@ -151,7 +152,7 @@ class ShardStream(IterableDataset):
                 errors.append(exc)
                 return True
 
-            for s in tarfile_samples([{"url": url}], handler=handler):
+            for s in tar_samples(url, handler=handler):
                 n += 1
                 yield s
             if offset:
