@@ -169,14 +169,16 @@ def extract(bb: Backbone, urls: list[str], *, batch_size: int = 256, device="cpu
             finish(*pending)
         if batch:
             finish(*submit(batch))
+        local = {"order": order, "key": keys, "label": labels, "problems": problems,
+                 "features": torch.cat(chunks) if chunks else None}
+        merged = _gather(local, device) if world > 1 else local
+        result = _finish(merged, desc or "the shards", urls, expected)
+        bar.close()  # "done" only for a split that passed its checks
+        return result
     finally:
-        bar.close()
+        bar.close(done=False)
         if pool:
             pool.shutdown()
-    local = {"order": order, "key": keys, "label": labels, "problems": problems,
-             "features": torch.cat(chunks) if chunks else None}
-    merged = _gather(local, device) if world > 1 else local
-    return _finish(merged, desc or "the shards", urls, expected)
 
 
 def _gather(local: dict, device) -> dict:

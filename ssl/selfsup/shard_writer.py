@@ -350,6 +350,7 @@ def _write(out: Path, split: str, items, skipped: list, total: int, class_names,
     try:
         # a bar on a terminal, a plain line a minute in a batch job (selfsup_io.progress)
         bar = Progress(total, f"shards {split}", unit="img", initial=len(skipped))
+        written = False
         try:  # closed on errors too
             i = 0  # samples written; skipped files take no key, so keys stay contiguous
             for image, label, extra in items:
@@ -374,10 +375,11 @@ def _write(out: Path, split: str, items, skipped: list, total: int, class_names,
                 shards[-1]["num_samples"] += 1
                 i += 1
                 bar.update()
+            if writer is not None:
+                finish()
+            written = True
         finally:
-            bar.close()
-        if writer is not None:
-            finish()
+            bar.close(done=written)  # "stopped", not "done", before an error
     except BaseException:
         if file is not None and not file.closed:
             writer.close()  # else tarfile writes its trailer into the closed file at exit

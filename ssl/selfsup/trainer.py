@@ -280,9 +280,11 @@ class Trainer:
                        initial=self.state["step"], enabled=acc.is_main_process,
                        rate_unit="img/s", rate_scale=self.global_batch)
         try:
-            return self._loop(log, bar)
+            last = self._loop(log, bar)
+            bar.close()  # "done" only once the run has got to its end
+            return last
         finally:  # also on Preempted / Diverged: the JSONL and TensorBoard files are flushed
-            bar.close()
+            bar.close(done=False)
             log.close()
             if self.seen is not None:
                 self.seen.close()

@@ -120,13 +120,17 @@ class Progress:
         else:
             self._emit(message)
 
-    def close(self) -> None:
+    def close(self, done: bool = True) -> None:
+        """The final line ends ``| done``, or ``| stopped`` with ``done=False``: callers close
+        with ``done=False`` on the way out of an error, so that no "done" precedes a failure. A
+        second close does nothing (``bar.close()`` on success, ``bar.close(False)`` in a
+        ``finally``)."""
         if self.mode == "off":
             return
         if self.bar is not None:
             self.bar.close()
         elif self.n > self.start_n:
-            self._emit(self._line(time.monotonic(), final=True))
+            self._emit(self._line(time.monotonic(), final=True, done=done))
         self.mode = "off"
 
     # ---------------------------------------------------------------------------------------
@@ -136,7 +140,7 @@ class Progress:
             return None
         return (self.n - self.n_first) / (now - self.t_first)
 
-    def _line(self, now: float, final: bool = False) -> str:
+    def _line(self, now: float, final: bool = False, done: bool = True) -> str:
         parts = [f"{self.n}/{self.total} {self.unit}" if self.total else f"{self.n} {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.1f}%)"
@@ -147,7 +151,7 @@ class Progress:
         parts.append(f"elapsed {hms(now - self.t_start)}")
         if not final and self.total and rate:
             parts.append(f"ETA {hms((self.total - self.n) / rate)}")
-        return f"{self.desc}: " + " | ".join(parts) + (" | done" if final else "")
+        return f"{self.desc}: " + " | ".join(parts) + ((" | done" if done else " | stopped") if final else "")
 
     def _estimate(self, now: float) -> None:
         rate = self._rate(now)
