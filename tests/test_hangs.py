@@ -202,10 +202,16 @@ def test_a_pipe_read_to_its_end_keeps_its_exit_status_and_an_abandoned_one_is_ki
     got = list(tar_samples(f"pipe:cat {tmp_path}/s.tar"))  # exit 0: every sample, no error
     assert [s["__key__"] for s in got] == ["k0", "k1", "k2"]
     stream = open_url(f"pipe:echo $$ > {tmp_path}/a.pid; exec sleep 300")
-    for _ in range(100):
+    for _ in range(600):  # (a loaded machine may take a while to start the shell)
         if _pids(tmp_path):
             break
         time.sleep(0.05)
+    (pid,) = _pids(tmp_path)
     t0 = time.monotonic()
     stream.close()  # abandoned while the command still runs: its group is killed
-    assert time.monotonic() - t0 < 10 and not _alive(_pids(tmp_path)[0])
+    assert time.monotonic() - t0 < 30
+    for _ in range(100):  # killed; the kernel may take a moment to reap
+        if not _alive(pid):
+            break
+        time.sleep(0.05)
+    assert not _alive(pid)

@@ -14,8 +14,8 @@ Here each command gets a process group of its own, and the group is killed:
 * when this process exits normally (``atexit``);
 * when the process that started it dies in any other way (``SIGKILL``, the OOM killer, torch
   ending a DataLoader worker): the command runs under a small ``sh`` supervisor that the kernel
-  sends ``SIGTERM`` when its parent dies (Linux ``PR_SET_PDEATHSIG``), and whose trap kills the
-  group.
+  sends ``SIGTERM`` when its parent dies (Linux ``PR_SET_PDEATHSIG``, set when the command is
+  started from the main thread), and whose trap kills the group.
 
 A command that exits by itself with a non-zero status still raises ``IOError`` as webdataset's
 does (141, SIGPIPE after the reader stopped, is not an error). Shared by the trainer's loader and
@@ -30,6 +30,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import weakref
 
 from webdataset.gopen import Pipe, gopen
@@ -45,7 +46,12 @@ _LIVE: "weakref.WeakSet[GroupPipe]" = weakref.WeakSet()
 
 def _die_with_parent(parent: int):
     """preexec_fn: SIGTERM to the supervisor when its parent dies (only the libc call: no
-    import, no lock, in the forked child)."""
+    import, no lock, in the forked child). The kernel ties this to the *thread* that forks, so
+    it is set only from a process's main thread (the trainer's, a loader worker's, the
+    evaluator's); a command opened from another thread still dies on close and at exit."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
     def set_signal():
         if _LIBC is not None:
             _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
