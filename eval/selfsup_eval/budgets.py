@@ -146,7 +146,8 @@ def extraction_batch(bb: Backbone, requested: int, quiet: bool = False) -> int:
     fits = max(1, int(batch_budget() // per))
     if fits >= requested:
         return requested
-    if not quiet:
+    if not quiet and not bb.extra.get("batch_noted"):  # once per checkpoint, not per split
+        bb.extra["batch_noted"] = True
         print(f"note: {bb.name}: extraction batch {fits} instead of {requested}: about "
               f"{per / 1e6:.0f} MB per {bb.input_size}px sample, {batch_budget() / 1e9:g} GB per batch "
               f"({BATCH_GB_ENV})", file=sys.stderr)
