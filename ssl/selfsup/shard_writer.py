@@ -49,6 +49,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -427,7 +428,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torchvision-split", choices=("train", "test"), default=None,
                    help="torchvision set to read when --split is not train/test/val")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # cleans up its .tmp files as Ctrl-C does
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.split):
         p.error(f"--split {args.split!r}: use letters, digits, '-' and '_' only (it is part of every key)")
     if args.shard_size < 1:
@@ -438,11 +438,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--jpeg-quality must be in 1..100")
     if args.max_side is not None and args.max_side < MIN_MAX_SIDE:
         p.error(f"--max-side must be at least {MIN_MAX_SIDE}")
+    # SIGTERM (a scheduler, `kill`) ends it as Ctrl-C does: its .tmp files removed, the lock freed
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main_thread else None
     try:
         index = write_shards(args.source, args.out_dir, args.split, args.shard_size,
                              args.image_format, args.jpeg_quality, args.torchvision_split, args.max_side)
     except (ValueError, OSError) as e:  # bad input, not bad usage: one line, no usage text
         p.exit(2, f"{p.prog}: error: {' '.join(str(e).split())}\n")
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
     meta = json.loads(index.read_text())
     print(f"wrote {meta['num_samples']} samples in {len(meta['shards'])} shard(s): {index}")
     return 0
