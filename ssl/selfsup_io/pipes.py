@@ -6,7 +6,8 @@ mount, a network copy that never delivers) therefore kept a stopped trainer aliv
 with ``data.num_workers=0`` ("exit 75" printed, the process still there), and with workers the
 trainer exited but the commands lived on as orphans, since torch ends a worker with ``_exit``.
 
-Here each command gets a process group of its own, and the group is killed:
+The same holds for http(s) shards, which webdataset reads through a ``curl`` command. Here each
+command gets a process group of its own, and the group is killed:
 
 * when the stream is closed before the command has exited by itself within
   :data:`GRACE_SECONDS` (a stop signal, an error, a reader that read what it needed), and after a
@@ -27,13 +28,14 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import threading
 import weakref
 
-from webdataset.gopen import Pipe, gopen
+from webdataset.gopen import Pipe, gopen, gopen_curl, gopen_schemes, rewrite_url
 from webdataset.handlers import reraise_exception
 
 GRACE_SECONDS = 2.0
@@ -64,9 +66,9 @@ class GroupPipe(Pipe):
     """webdataset's reading :class:`~webdataset.gopen.Pipe`, its command in a process group of
     its own that :meth:`close` (or :func:`kill_all`) kills (see the module docstring)."""
 
-    def __init__(self, cmd: str, bufsize: int = 8192):
+    def __init__(self, cmd: str, bufsize: int = 8192, ignore_status: tuple = (141,)):
         super().__init__(["sh", "-c", SUPERVISOR, "selfsup-pipe", cmd], mode="rb", bufsize=bufsize,
-                         ignore_status=[141], start_new_session=True,
+                         ignore_status=list(ignore_status), start_new_session=True,
                          preexec_fn=_die_with_parent(os.getpid()))
         self.args = ((cmd,), {})  # what webdataset's messages show
         _LIVE.add(self)
@@ -103,10 +105,16 @@ atexit.register(kill_all)
 
 
 def open_url(url: str):
-    """A shard's byte stream: ``pipe:CMD`` as a :class:`GroupPipe`, anything else by webdataset's
-    ``gopen`` (local files, http(s) through curl, ...)."""
+    """A shard's byte stream: ``pipe:CMD`` as a :class:`GroupPipe`, http(s) as one running
+    webdataset's own curl command (where webdataset would use curl: a stalled download is the
+    same hang), anything else by webdataset's ``gopen`` (local files, ...)."""
+    url = rewrite_url(url)  # GOPEN_REWRITE, as gopen applies it
     if url.startswith("pipe:"):
         return GroupPipe(url[5:])
+    scheme = url.split(":", 1)[0]
+    if scheme in ("http", "https") and gopen_schemes.get(scheme) is gopen_curl:
+        return GroupPipe(shlex.join(["curl", "--connect-timeout", "30", "--retry", "30", "--retry-delay",
+                                     "2", "-f", "-s", "-L", url]), ignore_status=(141, 23))
     return gopen(url)
 
 
