@@ -37,18 +37,24 @@ def claiming(width: int, height: int) -> bytes:
 
 
 # ------------------------------------------------------------------ 1. device pixel budget ----
-def test_jpeg_bombs_never_reach_the_device_decoder(tmp_path, monkeypatch):
-    """48 JPEGs claiming 9000 x 9000 among real ones, decode=device, batches of 16: before, each
-    went to the device to be decoded whole (243 MB each, 8.8 GB seen); now the worker decodes
-    them on the DCT-scaled CPU path (1125 x 1125 at most), and the real ones go to the device."""
+def _big_jpeg(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 140, 30)).save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+def test_large_jpegs_never_reach_the_device_decoder(tmp_path, monkeypatch):
+    """16 valid 3000 x 3000 JPEGs (9 M pixels, 27 MB decoded whole; 48 headers claiming 9000 x
+    9000 once took 8.8 GB) among small ones, decode=device, 16-px views: before, every one went
+    to the device to be decoded whole; now the worker decodes them DCT-scaled (375 x 375), and
+    only the small ones go to the device."""
     from selfsup.data import ShardLoader
     from selfsup.decode import DeviceDecoder
     from selfsup.views import ViewSpec
 
-    members = {}
-    for i in range(48):
-        members[f"bomb{i:02d}.jpg"] = claiming(9000, 9000)
-        members[f"bomb{i:02d}.cls"] = b"0"
+    members, big = {}, _big_jpeg(3000)
+    for i in range(16):
+        members[f"big{i:02d}.jpg"], members[f"big{i:02d}.cls"] = big, b"0"
     for i in range(48):
         members[f"real{i:02d}.jpg"] = imagenet_like.jpeg_bytes(64, 48, seed=i)
         members[f"real{i:02d}.cls"] = b"1"
@@ -64,18 +70,19 @@ def test_jpeg_bombs_never_reach_the_device_decoder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(DeviceDecoder, "_decode_all", spy)
     loader = ShardLoader(str(tmp_path / "s-000000.tar"), batch_size=16, num_workers=0,
-                         views=[ViewSpec(16, (0.5, 1.0))] * 2, decode="device", shuffle_buffer=96,
-                         samples_per_epoch=96)
+                         views=[ViewSpec(16, (0.5, 1.0))] * 2, decode="device", shuffle_buffer=64,
+                         samples_per_epoch=64)
     keys = []
     for batch in loader.epoch(0):
         on_cpu = [batch["key"][i] for i in batch.get("image_rows", torch.arange(16)).tolist()]
         on_device = [batch["key"][i] for i in batch.get("jpeg_rows", torch.empty(0)).tolist()]
         assert all(k.startswith("real") for k in on_device), on_device
-        assert all(k.startswith("bomb") for k in on_cpu), on_cpu
+        assert all(k.startswith("big") for k in on_cpu), on_cpu
         keys += batch["key"]
-        assert loader.to_device(batch, torch.device("cpu"))["image"].shape == (16, 2, 3, 16, 16)
-    assert sum(k.startswith("bomb") for k in keys) > 16  # the bombs were drawn...
-    assert sent and set(sent) == {(64, 48)}  # ...and none reached the device decoder
+        out = loader.to_device(batch, torch.device("cpu"))
+        assert out["image"].shape == (16, 2, 3, 16, 16) and out["corrupt"] == 0
+    assert sum(k.startswith("big") for k in keys) == 16  # every large one decoded, on the CPU
+    assert sent and set(sent) == {(64, 48)}  # and none reached the device decoder
 
 
 def test_the_device_budget_bounds_a_batch_and_sends_scalable_large_jpegs_to_the_cpu(monkeypatch):
@@ -285,11 +292,14 @@ def test_a_label_beyond_the_index_classes_is_a_bad_label(tmp_path, capsys):
     train = write_split(tmp_path / "d", "train", 24)
     val = write_split(tmp_path / "d", "val", 9, seed=1)
     _relabel(train, {"train-00000003": 5, "train-00000007": 30_000_000})
-    rc = main(["knn", "raw-pixels", "--train", str(train), "--val", str(val), "--k", "1", "--no-cache"])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
+    args = ["knn", "raw-pixels", "--train", str(train), "--val", str(val), "--k", "1", "--no-cache"]
+    assert main(args) == 2  # 2 of 24 is more than the default corrupt fraction: said so
+    err = capsys.readouterr().err
     assert "2 sample(s) have a label beyond the 3 classes (e.g. train-00000003, label 5)" in err
-    assert "skipped 2 corrupt sample(s), e.g. train-00000003, train-00000007" in out
+    assert "2 of the 24 samples of the train split could not be used" in err.strip().splitlines()[-1]
+    assert main(args + ["--max-corrupt-fraction", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 corrupt sample(s), e.g. train-00000003, train-00000007" in out, out
 
 
 def test_labels_are_capped_without_class_names_and_cached_features_are_checked_too(tmp_path):
