@@ -21,10 +21,10 @@ from its own part again, from the start, and says so once: equal batch counts on
 from __future__ import annotations
 
 import numpy as np
-from webdataset.tariterators import tarfile_samples
 
 from selfsup import partition as pt
 from selfsup.views import sample_rng
+from selfsup_io.pipes import tar_samples
 
 
 class _ShardReader:
@@ -49,7 +49,7 @@ class _ShardReader:
             return True
 
         self.shard, self.pos = shard, 0
-        self.it = tarfile_samples([{"url": self.urls[shard]}], handler=handler)
+        self.it = tar_samples(self.urls[shard], handler=handler)  # a pipe: dies with its reader
 
     def get(self, shard: int, offset: int) -> dict | None:
         if shard != self.shard or offset < self.pos:
