@@ -12,7 +12,7 @@ a real export at ``input_size`` 2048 asked for 12 GB per extraction batch of 256
   safetensors header lists: the same names and shapes, or a one-line error and nothing built.
   Since safetensors checks that its header's tensors fill the file, the real model is then at
   most the file's size, plus non-persistent buffers (e.g. a Swin's position index), which may
-  add :data:`BUFFER_SLACK` elements at most.
+  add :data:`selfsup_eval.checkpoint.BUFFER_SLACK` elements at most (checked there, on loading).
 * **An extraction batch fits a memory budget.** The same ``meta`` model runs one forward pass on a
   ``meta`` input of the export's size, which gives every layer's output shape without computing
   anything; a sample costs its input (uint8 for two batches in flight, three float copies while
@@ -31,63 +31,11 @@ import sys
 import torch
 from torch import nn
 
-from selfsup_eval.checkpoint import Backbone, EvalError, build_model
+from selfsup_eval.checkpoint import Backbone, EvalError, meta_model  # noqa: F401  (meta_model: also from here)
 
-BUFFER_SLACK = 1 << 24  # elements (64 MB fp32) of buffers a model may hold beyond its file's tensors
 BATCH_GB_ENV = "SELFSUP_EVAL_BATCH_GB"
 DEFAULT_BATCH_GB = 4.0
 MAX_CLASSES = 100_000  # without index class_names: more than ImageNet-21k's 21,841 classes
-
-
-def meta_model(meta: dict) -> nn.Module:
-    """The model ``meta`` describes, on the ``meta`` device: shapes only, nothing allocated."""
-    with torch.device("meta"):
-        return build_model(meta)
-
-
-def file_shapes(path) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape, from the safetensors header (no tensor is read)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-
-
-def _elements(shapes) -> int:
-    total = 0
-    for shape in shapes:
-        n = 1
-        for d in shape:
-            n *= int(d)
-        total += n
-    return total
-
-
-def check_tensors(path, meta: dict) -> nn.Module:
-    """Raise :class:`EvalError` unless the file's tensors are exactly the described model's
-    state dict (names and shapes) and the model holds no more than :data:`BUFFER_SLACK` elements
-    beyond them; return the ``meta`` model (for :func:`sample_bytes`)."""
-    model = meta_model(meta)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    try:
-        have = file_shapes(path)
-    except Exception as e:
-        raise EvalError(f"{path}: cannot read its safetensors header ({' '.join(str(e).split())[:200]})") from None
-    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    wrong = [f"{k} {list(have[k])} (the model's is {list(want[k])})" for k in sorted(set(want) & set(have))
-             if want[k] != have[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{len(missing)} missing, e.g. {', '.join(missing[:3])}" if missing else "",
-                 f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:3])}" if unexpected else "",
-                 f"{len(wrong)} of another shape, e.g. {'; '.join(wrong[:2])}" if wrong else ""]
-        raise EvalError(f"{path}: weights do not fit {meta['model_name']} as its metadata describes it "
-                        f"({'; '.join(p for p in parts if p)}); nothing was built")
-    held = _elements(t.shape for t in [*model.parameters(), *model.buffers()])
-    stored = _elements(have.values())
-    if held > stored + BUFFER_SLACK:
-        raise EvalError(f"{path}: {meta['model_name']} as its metadata describes it holds {held:,} values, "
-                        f"{held - stored:,} more than the file's tensors; nothing was built")
-    return model
 
 
 def _max_output(model: nn.Module, x: torch.Tensor, pool: str) -> int:

@@ -216,6 +216,60 @@ def build_model(meta: dict) -> nn.Module:
     return model
 
 
+BUFFER_SLACK = 1 << 24  # elements (64 MB fp32) of buffers a model may hold beyond its file's tensors
+
+
+def meta_model(meta: dict) -> nn.Module:
+    """The model ``meta`` describes, on the ``meta`` device: shapes only, nothing allocated."""
+    with torch.device("meta"):
+        return build_model(meta)
+
+
+def file_shapes(path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape, from the safetensors header (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _elements(shapes) -> int:
+    total = 0
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        total += n
+    return total
+
+
+def check_tensors(path, meta: dict) -> nn.Module:
+    """Raise :class:`EvalError` unless the file's tensors are exactly the described model's
+    state dict (names and shapes) and the model holds no more than :data:`BUFFER_SLACK` elements
+    beyond them; return the ``meta`` model (for :func:`sample_bytes`)."""
+    model = meta_model(meta)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        have = file_shapes(path)
+    except Exception as e:
+        raise EvalError(f"{path}: cannot read its safetensors header ({' '.join(str(e).split())[:200]})") from None
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    wrong = [f"{k} {list(have[k])} (the model's is {list(want[k])})" for k in sorted(set(want) & set(have))
+             if want[k] != have[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{len(missing)} missing, e.g. {', '.join(missing[:3])}" if missing else "",
+                 f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:3])}" if unexpected else "",
+                 f"{len(wrong)} of another shape, e.g. {'; '.join(wrong[:2])}" if wrong else ""]
+        raise EvalError(f"{path}: weights do not fit {meta['model_name']} as its metadata describes it "
+                        f"({'; '.join(p for p in parts if p)}); nothing was built")
+    held = _elements(t.shape for t in [*model.parameters(), *model.buffers()])
+    stored = _elements(have.values())
+    if held > stored + BUFFER_SLACK:
+        raise EvalError(f"{path}: {meta['model_name']} as its metadata describes it holds {held:,} values, "
+                        f"{held - stored:,} more than the file's tensors; nothing was built")
+    return model
+
+
 def load_backbone(path: str, raw_size: int | None = None) -> Backbone:
     """Export file (or ``raw-pixels``) → eval-mode :class:`Backbone`; one-line errors."""
     if path == RAW:
@@ -226,8 +280,6 @@ def load_backbone(path: str, raw_size: int | None = None) -> Backbone:
     if not p.is_file():
         raise EvalError(f"checkpoint not found: {path}")
     meta = read_metadata(p)
-    from selfsup_eval.budgets import check_tensors  # (it imports this module)
-
     shell = check_tensors(p, meta)  # the file's tensors are the model described, before building it
     model = build_model(meta)
     try:
