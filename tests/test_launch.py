@@ -119,7 +119,7 @@ def checkpoints(run):
 def assert_complete(ckpt, world_size=1):
     """Every file of a checkpoint, readable, and the step it says it is."""
     files = {p.name for p in ckpt.iterdir()}
-    expected = {"trainer.json", "recipe.yaml", "model.safetensors", "optimizer.bin"} | {
+    expected = {"trainer.json", "recipe.yaml", "model.safetensors", "optimizer.bin", "checksums.json"} | {
         f"{name}{r}{ext}" for r in range(world_size) for name, ext in (("rank-", ".safetensors"),
                                                                         ("random_states_", ".pkl"))}
     assert files == expected, f"{ckpt.name}: {sorted(files)}"
