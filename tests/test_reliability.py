@@ -138,19 +138,19 @@ def test_a_full_disk_is_one_line_and_the_missing_export_is_written_on_resume(tmp
     assert "no space left on the device" in err and "no checkpoint was written before" in err
     assert not list((run / "checkpoints").iterdir())  # the half-written temp is gone
     monkeypatch.setattr(torch, "save", real_save)
-    real_file = ckpt.save_file
+    real_file = ckpt.write_export
 
-    def export_fails(tensors, path, *a, **k):
+    def export_fails(tensors, meta, path, *a, **k):
         if "export" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_file(tensors, path, *a, **k)
+        return real_file(tensors, meta, path, *a, **k)
 
-    monkeypatch.setattr(ckpt, "save_file", export_fails)
+    monkeypatch.setattr(ckpt, "write_export", export_fails)
     assert train(run, shards, *common) == 2
     assert "its export is written when the run resumes" in last_error(capsys)
     assert (run / "checkpoints" / "step-000000002").is_dir()
     assert not list((run / "export").glob("*.safetensors"))
-    monkeypatch.setattr(ckpt, "save_file", real_file)
+    monkeypatch.setattr(ckpt, "write_export", real_file)
     assert train(run, shards, *common) == 0
     exports = sorted(p.name for p in (run / "export").glob("backbone-step*.safetensors"))
     assert exports == ["backbone-step000000002.safetensors", "backbone-step000000003.safetensors"]

@@ -30,61 +30,54 @@ from pathlib import Path
 
 import torch
 
-from selfsup_eval.checkpoint import EvalError, build_model, has_selfsup_metadata, read_metadata, validate_metadata
-from selfsup_eval.foreign import build_timm, foreign_metadata, load_weights, pick_state_dict, unused_note
-from selfsup_eval.safe_load import load_file
-
-TRAINER_FILE = "trainer.json"
-POOL = {"ijepa": "mean_patch"}  # objectives whose export is pooled over patch tokens (formats.md)
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    root = run / "checkpoints"
-    found = sorted(p for p in root.glob("step-*") if (p / TRAINER_FILE).is_file()) if root.is_dir() else []
-    return found[-1] if found else None
+from selfsup_eval.checkpoint import EvalError
+from selfsup_eval.foreign import build_timm, foreign_metadata
+from selfsup_io import export_format as fmt
+from selfsup_io.export_format import build_model, has_selfsup_metadata, validate_metadata
+from selfsup_io.layouts import load_weights, pick_state_dict, unused_note
+from selfsup_io.safe_load import load_file
 
 
-def backbone_prefix(objective: dict) -> str | None:
-    """Where the exported backbone sits in the objective's state dict, when detection could pick
-    the wrong copy: I-JEPA holds the context encoder (``encoder.vit.``) and the target encoder
-    (``target.vit.``), and exports the one ``objective.export`` names (``target`` by default;
-    recipes written before that key existed exported the context encoder). Else None: detected
-    (``backbone.``, preferred over MoCo's ``backbone_key.``)."""
+def legacy_export_record(objective: dict) -> dict:
+    """What a checkpoint written before ``trainer.json`` recorded its ``export`` exported: I-JEPA
+    its context encoder (``encoder.vit.``, unless its recipe's ``objective.export`` said
+    ``target``) pooled over patch tokens; everything else its ``backbone.`` (detected), pooled by
+    the head. Newer checkpoints say so themselves (the trainer writes the record)."""
     if objective.get("name") == "ijepa":
-        return "target.vit." if objective.get("export", "context") == "target" else "encoder.vit."
-    return None
+        target = objective.get("export", "context") == "target"
+        return {"prefix": "target.vit." if target else "encoder.vit.", "pool": "mean_patch"}
+    return {"prefix": None, "pool": "head"}
 
 
 def from_training_checkpoint(source: Path) -> tuple[torch.nn.Module, dict, str]:
     """(model with the backbone's weights, export metadata, note) from a selfsup checkpoint."""
     import yaml
 
-    ckpt = source if (source / TRAINER_FILE).is_file() else latest_checkpoint(source)
+    ckpt = source if (source / fmt.TRAINER_FILE).is_file() else fmt.latest_checkpoint(source)
     if ckpt is None:
-        raise EvalError(f"{source} holds no complete training checkpoint (checkpoints/step-N/{TRAINER_FILE})")
+        raise EvalError(f"{source} holds no complete training checkpoint (checkpoints/step-N/{fmt.TRAINER_FILE})")
     run = ckpt.parent.parent
     try:
-        state = json.loads((ckpt / TRAINER_FILE).read_text())
+        state = json.loads((ckpt / fmt.TRAINER_FILE).read_text())
         own = ckpt / "recipe.yaml"  # what the trainer's own export of this step was written with
         recipe = yaml.safe_load((own if own.is_file() else run / "recipe.yaml").read_text())
         m, aug = recipe["model"], recipe["augment"]
         objective = recipe["objective"]["name"]
-        meta = {"format": 1, "model_name": m["name"], "model_kwargs": {**(m.get("kwargs") or {}), "num_classes": 0},
+        record = state.get("export") or legacy_export_record(recipe["objective"])
+        meta = {"model_name": m["name"], "model_kwargs": {**(m.get("kwargs") or {}), "num_classes": 0},
                 "small_stem": bool(m.get("small_stem", False)), "input_size": aug["size"],
-                "mean": list(aug["mean"]), "std": list(aug["std"]), "pool": POOL.get(objective, "head"),
+                "mean": list(aug["mean"]), "std": list(aug["std"]), "pool": record["pool"],
                 "objective": objective, "step": int(state["step"]), "epoch": state.get("epoch"), "run": str(run)}
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
-        raise EvalError(f"{ckpt}: cannot read the run's recipe.yaml / {TRAINER_FILE} ({type(e).__name__}: {e})") from None
+        raise EvalError(f"{ckpt}: cannot read the run's recipe.yaml / {fmt.TRAINER_FILE} ({type(e).__name__}: {e})") from None
     validate_metadata(meta, str(run / "recipe.yaml"))
-    weights = ckpt / "model.safetensors"
-    if not weights.is_file():
-        weights = ckpt / "pytorch_model.bin"
-    if not weights.is_file():
-        raise EvalError(f"{ckpt} has no model.safetensors or pytorch_model.bin")
+    weights = next((ckpt / name for name in fmt.MODEL_WEIGHTS if (ckpt / name).is_file()), None)
+    if weights is None:
+        raise EvalError(f"{ckpt} has no {' or '.join(fmt.MODEL_WEIGHTS)}")
     obj, _ = load_file(str(weights))
     sd, key = pick_state_dict(obj, None, str(weights))
     model = build_model(meta)
-    match = load_weights(model, sd, str(weights), backbone_prefix(recipe["objective"]))
+    match = load_weights(model, sd, str(weights), record["prefix"])
     return model, meta, unused_note(str(weights), match, key)
 
 
@@ -103,8 +96,8 @@ def from_foreign(source: Path, args) -> tuple[torch.nn.Module, dict, str]:
 
 
 def write_export(model: torch.nn.Module, meta: dict, out: Path) -> None:
-    from safetensors.torch import save
-
+    """Measure the feature size, then write through the format's own writer, checked by the
+    evaluator's metadata reader before the file takes its name."""
     model.eval()
     if meta.get("pool") == "head":  # timm's pooled output, measured (robust to unusual heads)
         size, chans = meta["input_size"], int(meta["model_kwargs"].get("in_chans", 3))
@@ -116,17 +109,7 @@ def write_export(model: torch.nn.Module, meta: dict, out: Path) -> None:
                             f"({' '.join(str(e).split())[:200]})") from None
     else:  # mean over patch tokens: the token width
         meta["feature_dim"] = int(model.num_features)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        data = save(tensors, metadata={"selfsup": json.dumps(meta)})
-        with open(tmp, "wb") as f:  # open() follows the umask; safetensors' save_file makes 0600
-            f.write(data)
-        read_metadata(tmp)  # the evaluator's own check, before the file takes its name
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    fmt.write_export(model.state_dict(), meta, out, check=True)
 
 
 def _read_file_at(source: Path, out: Path) -> Path | None:
@@ -134,7 +117,7 @@ def _read_file_at(source: Path, out: Path) -> Path | None:
     SOURCE file itself, or any file of the training checkpoint SOURCE names."""
     if not out.exists():
         return None
-    ckpt = source if not source.is_dir() or (source / TRAINER_FILE).is_file() else latest_checkpoint(source)
+    ckpt = source if not source.is_dir() or (source / fmt.TRAINER_FILE).is_file() else fmt.latest_checkpoint(source)
     inputs = [source] if not source.is_dir() else [f for f in (ckpt.rglob("*") if ckpt else []) if f.is_file()]
     if source.is_dir():
         inputs.append(source / "recipe.yaml")

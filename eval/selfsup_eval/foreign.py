@@ -20,148 +20,22 @@ backbone in many layouts. Like DINO's eval scripts (``--checkpoint_key``, then s
 
 Checkpoint names left over (heads, projectors, the other encoder, optimizer-free extras) are
 reported in one line. A model weight the checkpoint does not provide is an error, never a
-silently random backbone. Files are read by :mod:`selfsup_eval.safe_load` only.
+silently random backbone. The detection is :mod:`selfsup_io.layouts` (shared with the trainer's
+``model.init``); files are read by :mod:`selfsup_io.safe_load` only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from selfsup_eval.checkpoint import (Backbone, EvalError, check_feature_dim, file_digest,
+from selfsup_eval.checkpoint import (FORMAT_VERSION, Backbone, EvalError, check_feature_dim, file_digest,
                                      validate_metadata)
-from selfsup_eval.safe_load import load_file
-from selfsup_io.weights import weight_problem
-
-STATE_KEYS = ("state_dict", "model", "teacher", "target_encoder", "encoder", "model_state", "module",
-              "net", "network", "student")
-PREFERRED = ("", "module.", "backbone.", "module.backbone.", "encoder_q.", "module.encoder_q.",
-             "encoder.vit.", "model.", "module.model.", "encoder.", "module.encoder.", "base_encoder.",
-             "module.base_encoder.", "model.backbone.", "teacher.backbone.")
-
-
-def is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values()) \
-        and all(isinstance(k, str) for k in obj)
-
-
-def pick_state_dict(obj, key: str | None = None, where: str = "checkpoint") -> tuple[dict, str | None]:
-    """``(state dict, the key it was under or None for the top level)``."""
-    if key:
-        if not isinstance(obj, dict) or key not in obj:
-            have = ", ".join(map(str, list(obj)[:12])) if isinstance(obj, dict) else type(obj).__name__
-            raise EvalError(f"{where}: --checkpoint-key {key!r} is not in the checkpoint (it has: {have})")
-        if not is_state_dict(obj[key]):
-            raise EvalError(f"{where}: --checkpoint-key {key!r} does not hold a name -> tensor state dict")
-        return obj[key], key
-    if is_state_dict(obj):
-        return obj, None
-    if not isinstance(obj, dict):
-        raise EvalError(f"{where} holds a {type(obj).__name__}, not a state dict or a dict of them")
-    for k in STATE_KEYS:
-        if is_state_dict(obj.get(k)):
-            return obj[k], k
-    found = [k for k, v in obj.items() if is_state_dict(v)]
-    if len(found) == 1:
-        return obj[found[0]], found[0]
-    raise EvalError(f"{where}: cannot tell which state dict holds the backbone (candidates: "
-                    f"{', '.join(map(str, found)) or 'none'}); pass --checkpoint-key")
-
-
-def _children_form(key: str, children: list[str]) -> str | None:
-    """``backbone.4.0.conv1.weight`` → ``backbone.layer1.0.conv1.weight``: the first numeric
-    component read as the index of a top-level child of the model (lightly's Sequential)."""
-    parts = key.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            if int(p) < len(children):
-                return ".".join(parts[:i] + [children[int(p)]] + parts[i + 1:])
-            return None
-    return None
-
-
-def _rank(prefix: str) -> int:
-    return PREFERRED.index(prefix) if prefix in PREFERRED else len(PREFERRED)
-
-
-def match_keys(state: dict, model: nn.Module, prefix: str | None = None) -> dict:
-    """Map checkpoint names onto the model's. Returns ``{"mapped": {model name: tensor},
-    "prefix", "positional", "unused": [checkpoint names], "mismatched": [names]}``."""
-    target = {k: v.shape for k, v in model.state_dict().items()}
-    children = [n for n, _ in model.named_children()]
-    forms = {"direct": {k: k for k in state}, "positional": {}}
-    for k in state:
-        alt = _children_form(k, children)
-        if alt is not None:
-            forms["positional"][k] = alt
-    best, seen = None, []
-    for form, names in forms.items():
-        counts = Counter()
-        for orig, name in names.items():
-            parts = name.split(".")
-            for i in range(len(parts)):
-                suffix, pre = ".".join(parts[i:]), ".".join(parts[:i]) + ("." if i else "")
-                if suffix in target and tuple(target[suffix]) == tuple(state[orig].shape):
-                    counts[pre] += 1
-        if prefix is not None:
-            counts = Counter({prefix: counts.get(prefix, 0)})
-        for pre, n in counts.items():
-            cand = (n, -_rank(pre), form == "direct")
-            seen.append((cand[:2], pre))
-            if best is None or cand > best[0]:
-                best = (cand, form, pre)
-    if best is None:
-        return {"mapped": {}, "prefix": prefix or "", "positional": False, "unused": list(state), "mismatched": []}
-    cand, form, pre = best
-    # another prefix maps as many tensors and PREFERRED does not rank either (BYOL's
-    # online_network. vs target_network.): which encoder is evaluated must not be a dict order
-    ambiguous = sorted({p for c, p in seen if c == cand[:2] and p != pre})
-    mapped, unused, mismatched = {}, [], []
-    for orig, name in forms[form].items():
-        if name.startswith(pre) and name[len(pre):] in target:
-            sub = name[len(pre):]
-            if tuple(target[sub]) == tuple(state[orig].shape):
-                mapped[sub] = state[orig]
-                continue
-            mismatched.append(f"{orig} {tuple(state[orig].shape)} vs {tuple(target[sub])}")
-        unused.append(orig)
-    unused += [k for k in state if k not in forms[form]]
-    return {"mapped": mapped, "prefix": pre, "positional": form == "positional", "unused": unused,
-            "mismatched": mismatched, "ambiguous": ambiguous}
-
-
-def load_weights(model: nn.Module, state: dict, where: str, prefix: str | None = None) -> dict:
-    """Copy the checkpoint's backbone weights into ``model``; error if any stays uninitialised."""
-    m = match_keys(state, model, prefix)
-    if m.get("ambiguous"):
-        names = ", ".join(repr(p) for p in sorted([m["prefix"], *m["ambiguous"]]))
-        raise EvalError(f"{where}: prefixes {names} each hold {len(m['mapped'])} of the model's weights: "
-                        "pass --prefix to choose the encoder to evaluate")
-    missing = [k for k in model.state_dict() if k not in m["mapped"] and not k.endswith("num_batches_tracked")]
-    if missing:
-        hint = f"; shapes differ: {', '.join(m['mismatched'][:3])}" if m["mismatched"] else ""
-        raise EvalError(f"{where}: {len(missing)} of the model's {len(model.state_dict())} weights would stay "
-                        f"uninitialised (e.g. {', '.join(missing[:3])}) with prefix {m['prefix']!r}{hint}: "
-                        "not a backbone of this model (check --model/--model-kwargs, --checkpoint-key, --prefix)")
-    if (why := weight_problem(m["mapped"], model.state_dict())) is not None:
-        raise EvalError(f"{where}: {why}: refusing to use it")
-    model.load_state_dict(m["mapped"], strict=False)
-    return m
-
-
-def unused_note(where: str, m: dict, key: str | None) -> str:
-    """The one-line report of what was taken and what was left."""
-    src = f"'{key}'" if key else "the top level"
-    how = " (children by position)" if m["positional"] else ""
-    left = (f"; {len(m['unused'])} checkpoint tensor(s) not used, e.g. {', '.join(m['unused'][:4])}"
-            if m["unused"] else "; every checkpoint tensor used")
-    return f"{where}: {len(m['mapped'])} tensors from {src}, prefix {m['prefix']!r}{how}{left}"
-
+from selfsup_io.layouts import load_weights, pick_state_dict, unused_note
+from selfsup_io.safe_load import load_file
 
 def build_timm(model_name: str, model_kwargs: dict | None, where: str) -> tuple[nn.Module, dict]:
     import timm
@@ -181,7 +55,7 @@ def foreign_metadata(model: nn.Module, model_name: str, kwargs: dict, input_size
     unless given (no network: the config ships with timm)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = input_size if input_size is not None else int((cfg.get("input_size") or (3, 224, 224))[-1])
-    return {"format": 1, "model_name": model_name, "model_kwargs": kwargs, "small_stem": False,
+    return {"format": FORMAT_VERSION, "model_name": model_name, "model_kwargs": kwargs, "small_stem": False,
             "input_size": size, "mean": [float(v) for v in (mean or cfg.get("mean") or (0.485, 0.456, 0.406))],
             "std": [float(v) for v in (std or cfg.get("std") or (0.229, 0.224, 0.225))],
             "feature_dim": int(getattr(model, "num_features", 0)) or None, "pool": "head"}

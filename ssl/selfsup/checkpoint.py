@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -31,11 +30,9 @@ from safetensors.torch import save_file
 
 from selfsup.errors import CheckpointError, StorageError  # noqa: F401  (also imported from here)
 from selfsup.integrity import damage, write_checksums
+from selfsup_io import export_format as fmt
+from selfsup_io.export_format import STEP_DIR, TRAINER_FILE, write_export
 from selfsup_io.weights import weight_problem
-
-STEP_DIR = re.compile(r"^step-(\d{9})$")
-TRAINER_FILE = "trainer.json"
-EXPORT_FORMAT = 1
 
 
 def storage_error(e: BaseException, path: Path, then: str) -> StorageError | None:
@@ -221,29 +218,26 @@ def _loaded_weight_problem(accelerator, path: Path) -> str | None:
     return None
 
 
-def export_backbone(backbone: torch.nn.Module, run_dir: str | Path, metadata: dict) -> Path:
-    """Write ``export/backbone-stepN.safetensors`` and refresh ``export/backbone.safetensors``.
+def export_backbone(backbone: torch.nn.Module, run_dir: str | Path, metadata: dict,
+                    best: bool = False) -> Path:
+    """Write ``export/backbone-stepN.safetensors`` and refresh ``export/backbone.safetensors``
+    (and, ``best``, ``export/backbone-best.safetensors``: checkpoint.keep_best).
 
-    Weights only, loadable with timm + safetensors (docs/formats.md); ``metadata`` goes, as JSON,
-    under the safetensors metadata key ``selfsup``.
+    The format is :mod:`selfsup_io.export_format`'s (docs/formats.md): weights only, loadable
+    with timm + safetensors; ``metadata`` goes, as JSON, under the safetensors metadata key
+    ``selfsup``. Each name is written to a temp file and renamed.
     """
-    out = Path(run_dir) / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in backbone.state_dict().items()}
-    meta = {"selfsup": json.dumps({"format": EXPORT_FORMAT, **metadata})}
-    path = out / f"backbone-step{metadata['step']:09d}.safetensors"
-    mode = 0o666 & ~umask()  # safetensors creates 0600 files: follow the umask like other files
-    for target in (path, out / "backbone.safetensors"):
-        tmp = target.with_name(f".tmp-{target.name}")
+    out = Path(run_dir) / fmt.EXPORT_DIR
+    data = fmt.export_bytes(backbone.state_dict(), metadata)
+    path = out / fmt.step_export_name(metadata["step"])
+    names = [path, out / fmt.LATEST_EXPORT] + ([out / fmt.BEST_EXPORT] if best else [])
+    for target in names:
         try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.chmod(tmp, mode)
+            write_export({}, metadata, target, data=data)
         except Exception as e:
-            tmp.unlink(missing_ok=True)
             err = storage_error(e, target, f"the checkpoint of step {metadata['step']} is complete "
                                 "and its export is written when the run resumes")
             if err is None:
                 raise
             raise err from None
-        os.replace(tmp, target)
     return path

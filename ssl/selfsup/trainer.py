@@ -187,7 +187,7 @@ class Trainer:
         self._check_weights()
         state = {**self.state, "world_size": self.acc.num_processes,
                  "total_steps": self.total_steps, "batch_size": self.batch_size,
-                 "grad_accum": self.accum}
+                 "grad_accum": self.accum, "export": self.export_record()}
         rank_state = {"generator": self.generator.get_state(), "positions": self.positions,
                       "num_workers": self.cfg.data.num_workers}
         if self.seen is not None:
@@ -196,6 +196,13 @@ class Trainer:
                                     self.cfg.checkpoint.keep, recipe=OmegaConf.to_yaml(self.cfg))
         self.export()
         return path
+
+    def export_record(self) -> dict:
+        """Which tensors of the objective's state dict are the exported backbone, and how it is
+        pooled: written into ``trainer.json`` so that ``selfsup-export`` reads it instead of
+        knowing each objective (selfsup_io.export_format)."""
+        name = next(n for n, m in self.objective.named_modules() if m is self.objective.backbone)
+        return {"prefix": f"{name}.", "pool": self.objective.export_pool}
 
     def export(self) -> Path | None:
         if not self.acc.is_main_process:

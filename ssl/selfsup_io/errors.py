@@ -30,3 +30,10 @@ class TrackerError(UserError):
 
 class UsageError(UserError):
     """Bad input as the CLI's one error line (``PROG: error: ...``), raised by the Python API."""
+
+
+class LoadError(UserError):
+    """A checkpoint or export file that cannot be used (one line): raised by the shared readers
+    (:mod:`selfsup_io.safe_load`, :mod:`selfsup_io.layouts`, :mod:`selfsup_io.export_format`), so
+    a file the evaluator refuses is refused the same way by the trainer's ``model.init``;
+    ``selfsup_eval.checkpoint.EvalError`` is this class."""
