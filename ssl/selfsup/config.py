@@ -97,6 +97,13 @@ class ModelConfig:
         None, "`false`: residual blocks' last norm weight starts at one, as torchvision's ResNets (MoCo v2's "
         "and JigClu's official code); `null`: timm's zero init. Models without residual zero-init are "
         "unaffected", check=optional_bool())
+    init: str = key("random", "where the backbone starts: `random`, `timm` (timm's pretrained weights, found "
+                    "offline) or a checkpoint path in any layout selfsup-eval reads "
+                    "(docs/continued-pretraining.md)", check=nonempty("random, timm or a checkpoint path"))
+    init_key: Optional[str] = key(None, "`model.init` PATH: the entry holding the state dict (default: detected, "
+                                  "as `selfsup-eval --checkpoint-key`)")
+    init_prefix: Optional[str] = key(None, "`model.init` PATH: the backbone's name prefix (default: detected, as "
+                                     "`selfsup-eval --prefix`)")
     channels_last: bool = key(False, "channels-last memory format for every module the objective trains")
     compile: bool = key(False, "`torch.compile` the backbone method the objective calls, in every copy it runs "
                         "(I-JEPA: encoders and predictor as one graph with dynamic mask lengths)")
@@ -249,5 +256,9 @@ def load_recipe(paths, overrides: list[str] = ()) -> DictConfig:
     from selfsup.recipe_checks import check_values
 
     check_values(cfg, schema_fields(name))  # values, not just types: train.batch_size=0 fails here, naming its key
+    from selfsup.init_weights import default_normalisation
+
+    aug = AugmentConfig()
+    default_normalisation(cfg, (aug.mean, aug.std))  # model.init=timm: the weights' mean/std
     OmegaConf.set_readonly(cfg, True)
     return cfg

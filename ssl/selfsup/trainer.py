@@ -35,6 +35,7 @@ from selfsup.config import RecipeError
 from selfsup.errors import warn
 from selfsup.data import ShardLoader, check_corrupt
 from selfsup.hf_export import export_hf
+from selfsup.init_weights import start_from_init
 from selfsup.logs import MetricsLog
 from selfsup.models import create_backbone
 from selfsup.monitor import Monitor
@@ -128,6 +129,10 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         set_seed(cfg.run.seed)  # identical initial weights on every process
         objective = build_model(cfg, acc)
+        # model.init: the file's weights in the online backbone and every momentum target
+        self.init = start_from_init(objective, cfg)
+        if self.init is not None:
+            acc.print(f"model.init: {self.init['note']}")
 
         if not cfg.data.train:
             raise RecipeError("data.train is not set: pass data.train=SHARDS (see docs/formats.md)")
@@ -216,6 +221,8 @@ class Trainer:
                 "pool": self.objective.export_pool, "objective": self.objective.name,
                 "step": self.state["step"], "epoch": round(self.epochs_done(), 4),
                 "run": str(self.run_dir)}
+        if self.init is not None:  # provenance: selfsup-eval --baseline init reads it
+            meta["init"] = {"source": self.init["source"], "sha256": self.init["sha256"]}
         path = ckpt.export_backbone(self.objective.backbone, self.run_dir, meta)
         export_hf(self.objective.backbone, self.run_dir, meta)  # timm's HF layout, export/hf
         return path

@@ -97,6 +97,12 @@ class Objective(nn.Module):
     def forward(self, batch: dict, generator: torch.Generator):
         raise NotImplementedError
 
+    def online_backbone(self) -> nn.Module:
+        """The backbone the optimizer trains, where ``model.init`` loads its weights (the
+        trainer then copies them into every :meth:`momentum_pairs` target). Usually
+        :attr:`backbone`; an objective that exports an EMA copy says which one trains."""
+        return self.backbone
+
     def backbones(self) -> list[nn.Module]:
         """Every copy of the backbone the step runs through ``backbone_entry``: ``model.compile``
         compiles each (MoCo's key encoder is a copy made before compiling, so it is listed)."""

@@ -175,6 +175,10 @@ class IJEPA(Objective):
         Training reaches the encoders as ``encoder`` and ``target``, never through this."""
         return (self.target if self._export_target else self.encoder).vit
 
+    def online_backbone(self) -> VisionTransformer:
+        """The context encoder's ViT: the one that trains (the target is its EMA copy)."""
+        return self.encoder.vit
+
     @staticmethod
     def _check(cfg, backbone) -> None:
         oc = cfg.objective
