@@ -219,9 +219,10 @@ def _loaded_weight_problem(accelerator, path: Path) -> str | None:
 
 
 def export_backbone(backbone: torch.nn.Module, run_dir: str | Path, metadata: dict,
-                    best: bool = False) -> Path:
+                    names: tuple[str, ...] | None = None) -> Path:
     """Write ``export/backbone-stepN.safetensors`` and refresh ``export/backbone.safetensors``
-    (and, ``best``, ``export/backbone-best.safetensors``: checkpoint.keep_best).
+    (``names``: these file names in ``export/`` instead, e.g. checkpoint.keep_best's
+    ``backbone-best.safetensors``; the first is returned).
 
     The format is :mod:`selfsup_io.export_format`'s (docs/formats.md): weights only, loadable
     with timm + safetensors; ``metadata`` goes, as JSON, under the safetensors metadata key
@@ -229,9 +230,8 @@ def export_backbone(backbone: torch.nn.Module, run_dir: str | Path, metadata: di
     """
     out = Path(run_dir) / fmt.EXPORT_DIR
     data = fmt.export_bytes(backbone.state_dict(), metadata)
-    path = out / fmt.step_export_name(metadata["step"])
-    names = [path, out / fmt.LATEST_EXPORT] + ([out / fmt.BEST_EXPORT] if best else [])
-    for target in names:
+    targets = [out / n for n in names or (fmt.step_export_name(metadata["step"]), fmt.LATEST_EXPORT)]
+    for target in targets:
         try:
             write_export({}, metadata, target, data=data)
         except Exception as e:
@@ -240,4 +240,4 @@ def export_backbone(backbone: torch.nn.Module, run_dir: str | Path, metadata: di
             if err is None:
                 raise
             raise err from None
-    return path
+    return targets[0]

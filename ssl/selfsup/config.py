@@ -23,8 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from selfsup.data import DECODE_MODES  # the loader owns its modes
 from selfsup.errors import RecipeError  # noqa: F401  (also imported from here by callers)
-from selfsup.schema import (FREE, STRUCTURAL, at_least, at_most, below_one, fields, key, nonempty, one_of,
-                            optional_bool, pair, positive, probability)
+from selfsup.schema import (FREE, STRUCTURAL, at_least, at_most, below_one, fields, key, negative, nonempty,
+                            one_of, optional_bool, pair, positive, probability, unit_interval)
 
 LR_SCALING = ("linear", "sqrt", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -130,6 +130,10 @@ class OptimConfig:
     warmup_lr: float = key(0.0, "warm-up start (absolute: only lr follows the global batch)", check=at_least(0))
     min_lr: float = key(0.0, "end of the cosine (absolute)", check=at_least(0))
     clip_grad: Optional[float] = key(None, "gradient-norm clipping", check=positive(optional=True))
+    layer_decay: Optional[float] = key(
+        None, "layer-wise lr decay (timm's `param_groups_layer_decay`): the backbone's layer l of L trains at "
+        "`lr × layer_decay^(L − l)`, heads at `lr` (docs/continued-pretraining.md); null: off",
+        check=unit_interval(optional=True), resume=STRUCTURAL)  # the optimizer's param groups
 
 
 @dataclass
@@ -149,6 +153,8 @@ class CheckpointConfig:
     every_steps: int = key(500, "checkpoint interval in steps (0: only at the end and on a stop signal)",
                            check=at_least(0), resume=FREE)
     keep: int = key(2, "how many checkpoints to keep", check=at_least(0), resume=FREE)
+    keep_best: bool = key(False, "keep the export with the best monitor k-NN as "
+                          "`export/backbone-best.safetensors` (needs the monitor)", resume=FREE)
 
 
 @dataclass
@@ -160,6 +166,9 @@ class MonitorConfig:
     max_samples: int = key(5000, "samples drawn from each", check=at_least(1), resume=FREE)
     k: int = key(20, "neighbours", check=at_least(1), resume=FREE)
     temperature: float = key(0.07, "vote weight exp(s/T)", check=positive(), resume=FREE)
+    min_vs_init: Optional[float] = key(
+        None, "stop (exit 3) after two evaluations in a row more than this many k-NN points below the "
+        "starting weights, e.g. -5 (docs/continued-pretraining.md)", check=negative(optional=True), resume=FREE)
 
 
 @dataclass

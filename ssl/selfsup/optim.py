@@ -46,13 +46,42 @@ def update_kwargs(name: str, device: torch.device) -> dict:
     return {}
 
 
-def create_optimizer(model: torch.nn.Module, optim_cfg, lr: float, device) -> torch.optim.Optimizer:
-    """The recipe's ``optim`` section for ``model``'s parameters on ``device`` (timm's names)."""
+def layer_decay_groups(model: torch.nn.Module, backbone: torch.nn.Module, weight_decay: float,
+                       layer_decay: float) -> list[dict]:
+    """Layer-wise learning-rate decay (BEiT; timm's ``param_groups_layer_decay``) for continued
+    pretraining: the backbone's layers, by its timm ``group_matcher`` (ViT: embeddings, each
+    block, the final norm with the last block; ResNet: the stem, each residual block), get ``lr_scale =
+    layer_decay ** (last layer - layer)``, so the early layers that pretrained weights got most
+    right move least. Everything outside the backbone (projection heads, predictors) is new and
+    trains at the full rate (``lr_scale`` 1). 1-D tensors and the backbone's ``no_weight_decay()``
+    names get no weight decay, as timm's groups without layer decay. timm's scheduler multiplies
+    each group's lr by its ``lr_scale``."""
+    from timm.optim import param_groups_layer_decay
+
+    skip = getattr(backbone, "no_weight_decay", lambda: ())()
+    groups = param_groups_layer_decay(backbone, weight_decay=weight_decay, no_weight_decay_list=skip,
+                                      layer_decay=layer_decay)
+    inside = {id(p) for p in backbone.parameters()}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in inside]
+    for decay, params in ((weight_decay, [p for p in rest if p.ndim > 1]), (0.0, [p for p in rest if p.ndim <= 1])):
+        if params:
+            groups.append({"lr_scale": 1.0, "weight_decay": decay, "params": params})
+    return groups
+
+
+def create_optimizer(model: torch.nn.Module, optim_cfg, lr: float, device,
+                     backbone: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    """The recipe's ``optim`` section for ``model``'s parameters on ``device`` (timm's names);
+    with ``optim.layer_decay``, the groups of :func:`layer_decay_groups` over ``backbone`` (the
+    encoder that trains)."""
     kwargs = {"momentum": optim_cfg.momentum} if optim_cfg.name in MOMENTUM_OPTIMIZERS else {}
     if getattr(optim_cfg, "nesterov", None) is not None and _takes(optim_cfg.name, "nesterov"):
         kwargs["nesterov"] = bool(optim_cfg.nesterov)
     kwargs.update(update_kwargs(optim_cfg.name, device))
-    optimizer = create_optimizer_v2(model, opt=optim_cfg.name, lr=lr, weight_decay=optim_cfg.weight_decay,
+    params = model
+    if getattr(optim_cfg, "layer_decay", None) is not None:
+        params = layer_decay_groups(model, backbone, optim_cfg.weight_decay, optim_cfg.layer_decay)
+    optimizer = create_optimizer_v2(params, opt=optim_cfg.name, lr=lr, weight_decay=optim_cfg.weight_decay,
                                     **kwargs)
     for group in optimizer.param_groups:
         if getattr(optim_cfg, "decay_bias_and_norm", False):

@@ -53,6 +53,11 @@ def _cross_key_problems(cfg) -> list[str]:
         optimizers = {o.name}
     if str(o.name).lower() not in optimizers:
         out.append(f"optim.name must be a timm optimizer (sgd, momentum, adamw, lars, lamb, ...), not {o.name!r}")
+    mo = cfg.monitor
+    for name, on in (("checkpoint.keep_best", cfg.checkpoint.keep_best), ("monitor.min_vs_init", mo.min_vs_init is not None)):
+        if on and not mo.every_steps > 0:
+            out.append(f"monitor.every_steps must be > 0 for {name} (the guard reads the online monitor), "
+                       f"not {mo.every_steps!r}")
     return out
 
 

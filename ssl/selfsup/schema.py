@@ -79,6 +79,15 @@ def one_of(*choices: str) -> Check:
     return _rule("one of " + ", ".join(choices), lambda v: v in choices)
 
 
+def unit_interval(optional: bool = False) -> Check:
+    """``0 < value <= 1``."""
+    return _rule("in (0, 1]", lambda v: _number(v) and 0 < v <= 1, optional)
+
+
+def negative(optional: bool = False) -> Check:
+    return _rule("< 0", lambda v: _number(v) and v < 0, optional)
+
+
 def nonempty(what: str) -> Check:
     return _rule(what, lambda v: v is not None and bool(str(v).strip()))
 

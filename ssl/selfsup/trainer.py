@@ -35,6 +35,7 @@ from selfsup.config import RecipeError
 from selfsup.errors import warn
 from selfsup.data import ShardLoader, check_corrupt
 from selfsup.hf_export import export_hf
+from selfsup.guard import KNN, Guard, initial_state
 from selfsup.init_weights import start_from_init
 from selfsup.logs import MetricsLog
 from selfsup.models import create_backbone
@@ -161,7 +162,8 @@ class Trainer:
             raise RecipeError(f"bad recipe value: {problem}")
         for note in warmup_notes(oc, self.global_batch) if acc.is_main_process else []:
             warn(note)
-        optimizer = create_optimizer(objective, oc, lr, acc.device)  # fused/foreach updates
+        optimizer = create_optimizer(objective, oc, lr, acc.device,  # fused/foreach updates
+                                     backbone=objective.online_backbone())
         self.optim_hyper = recipe_hyperparameters(optimizer)  # what a resume must not undo
         warmup = round(oc.warmup_epochs * steps_per_epoch)
         if warmup >= self.total_steps and acc.is_main_process:
@@ -173,11 +175,13 @@ class Trainer:
         self.ema = EMA(self.objective.momentum_pairs())  # on the device: gathered once
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + acc.process_index)
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0,
-                      "corrupt_samples": 0, "segment": None}  # segment: exact epochs' plan
+                      "corrupt_samples": 0, "segment": None,  # segment: exact epochs' plan
+                      "guard": initial_state()}
         self.positions: dict = {}
         self.seen = elastic.SeenKeys(self.run_dir, acc.process_index) if cfg.data.record_keys else None
         self.stops = StopSignals(self._where_stopped)  # SIGTERM/SIGUSR1: selfsup.stopping
         self.monitor = Monitor(cfg, acc.device)
+        self.guard = Guard(cfg, self.run_dir)  # knn_vs_init, keep_best, min_vs_init
 
     # ----------------------------------------------------------------------------- resume ----
     def resume(self) -> None:
@@ -209,7 +213,9 @@ class Trainer:
         name = next(n for n, m in self.objective.named_modules() if m is self.objective.backbone)
         return {"prefix": f"{name}.", "pool": self.objective.export_pool}
 
-    def export(self) -> Path | None:
+    def export(self, best: dict | None = None) -> Path | None:
+        """The step's export (and export/hf); ``best`` (the monitor's record): only
+        ``export/backbone-best.safetensors``, with that record in its metadata."""
         if not self.acc.is_main_process:
             return None
         cfg = self.cfg
@@ -223,6 +229,9 @@ class Trainer:
                 "run": str(self.run_dir)}
         if self.init is not None:  # provenance: selfsup-eval --baseline init reads it
             meta["init"] = {"source": self.init["source"], "sha256": self.init["sha256"]}
+        if best is not None:
+            meta["monitor"] = best
+            return ckpt.export_backbone(self.objective.backbone, self.run_dir, meta, names=(self.guard.best_path.name,))
         path = ckpt.export_backbone(self.objective.backbone, self.run_dir, meta)
         export_hf(self.objective.backbone, self.run_dir, meta)  # timm's HF layout, export/hf
         return path
@@ -282,6 +291,7 @@ class Trainer:
         self._lock = rundir.acquire(acc, self.run_dir)  # a second trainer on run.dir stops here
         try:  # the lock is released on every way out, a tracker that does not start included
             self.resume()  # refuses a changed recipe before recipe.yaml is replaced
+            self.guard.sync_best(self.state["guard"])
             if acc.is_main_process:
                 OmegaConf.save(cfg, self.run_dir / "recipe.yaml")
             self.stops.install()
@@ -333,6 +343,8 @@ class Trainer:
         data = self.batches()
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "loss": 0.0, "corrupt": 0}
         last = {}
+        if self.state["step"] == 0 and self.monitor.enabled and self.guard.measure_start:
+            self._monitor(log, 0)  # the starting weights: what monitor/knn_vs_init compares with
         while self.state["step"] < self.total_steps:
             step = self.state["step"]
             progress = step / self.total_steps
@@ -368,9 +380,7 @@ class Trainer:
             if step % cfg.train.log_every == 0 or step == self.total_steps:
                 last = self._log(log, bar, window, metrics, momentum)
             if self.monitor.due(step):
-                if acc.is_main_process:
-                    log.log(step, self.monitor.run(self.objective.backbone))
-                acc.wait_for_everyone()
+                self._monitor(log, step)
             saved = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < self.total_steps
             if saved:
                 self.save()
@@ -382,6 +392,22 @@ class Trainer:
                 raise Preempted()
         self.save()
         return last
+
+    def _monitor(self, log: MetricsLog, step: int) -> None:
+        """The online monitor on the main process, then the guard (selfsup.guard): the best
+        export, and a stop every rank takes together (exit 3, as a divergence)."""
+        acc, stop = self.acc, None
+        if acc.is_main_process:
+            record = self.monitor.run(self.objective.backbone)
+            best, stop = self.guard.observe(self.state["guard"], step, record)
+            log.log(step, record)
+            if best:
+                self.export(best={"knn_top1": record[KNN], "step": step})
+        if acc.num_processes > 1:
+            if acc.reduce(torch.tensor([float(stop is not None)], device=acc.device), "sum").item() and stop is None:
+                stop = "the online monitor's guard stopped the run (monitor.min_vs_init; rank 0 says why)"
+        if stop is not None:
+            raise Diverged(stop)
 
     def _log(self, log, bar, window, metrics, momentum) -> dict:
         acc = self.acc
@@ -396,7 +422,7 @@ class Trainer:
         self.state["corrupt_samples"] += corrupt
         check_corrupt(self.state["corrupt_samples"], self.state["images_seen"],
                       self.cfg.data.max_corrupt_fraction, self.loader.samples_per_epoch)
-        record = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+        record = {"loss": loss, "lr": max(g["lr"] for g in self.optimizer.param_groups),  # layer decay: the top
                   "epoch": round(self.epochs_done(), 4),
                   "img_per_s": n * self.global_batch / elapsed,
                   "data_wait": window["wait"] / elapsed,
