@@ -30,8 +30,8 @@ import torch
 
 from selfsup_eval import report
 from selfsup_eval.checkpoint import MAX_INPUT_SIZE, EvalError, expand_checkpoints, run_dir_of
-from selfsup_eval.common import (add_model_arguments, check_checkpoint, check_class_sets, check_labelled,
-                                 load_any, prepare_raw, resolve, run_guarded)
+from selfsup_eval.common import (add_model_arguments, baseline_paths, check_checkpoint, check_class_sets,
+                                 check_labelled, load_any, prepare_raw, resolve, run_guarded)
 from selfsup_eval.features import cached_features, default_cache_dir, dist_info
 from selfsup_eval.probes import probe
 from selfsup_eval.sample_checks import DEFAULT_MAX_CORRUPT_FRACTION, check_corrupt_fraction
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subsets", type=int, default=5, metavar="N",
                    help="random subsets per low-shot protocol, seeded from the labels (default 5)")
     p.add_argument("--baseline", action="append", default=[], metavar="CHECKPOINT",
-                   help="reference evaluated by k-NN only and listed first (e.g. raw-pixels); repeatable")
+                   help="reference evaluated by k-NN only and listed first (e.g. raw-pixels; init: the "
+                   "weights the runs started from, model.init); repeatable")
     add_model_arguments(p)
     p.add_argument("--raw-size", type=int, default=None, metavar="N",
                    help="raw-pixels: resize + centre-crop to N (default: the median shorter side of "
@@ -166,7 +167,7 @@ def evaluate(args) -> list[dict]:
     check_class_sets(train, val)
     check_labelled(train, "train")
     check_labelled(val, "val")
-    entries = [(p, True) for p in expand_checkpoints(args.baseline)]
+    entries = [(p, True) for p in baseline_paths(args)]
     entries += [(p, False) for p in expand_checkpoints(args.checkpoints)]
     for path, _ in entries:  # every export checked before the first (long) extraction
         check_checkpoint(path, args)

@@ -15,11 +15,13 @@ import sys
 
 import torch
 
-from selfsup_eval.checkpoint import RAW, EvalError, has_selfsup_metadata, load_backbone, read_metadata, resolve_raw
+from selfsup_eval.checkpoint import (RAW, EvalError, expand_checkpoints, has_selfsup_metadata, load_backbone,
+                                     read_metadata, resolve_raw)
 from selfsup_eval.budgets import raw_shape
 from selfsup_eval.data import first_sample
 from selfsup_eval.features import dist_info
 from selfsup_eval.foreign import build_timm, load_foreign
+from selfsup_eval.init_baseline import expand_baselines, load_init
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,9 +96,17 @@ def check_class_sets(train, val, ftrain: dict | None = None, fval: dict | None =
                             "no probe can predict them (evaluate on splits that share their classes)")
 
 
+def baseline_paths(args) -> list[str]:
+    """``--baseline`` as checkpoint paths: ``init`` becomes the files the CHECKPOINT runs started
+    from (:mod:`selfsup_eval.init_baseline`), remembered in ``args.init_specs`` so that
+    :func:`check_checkpoint` and :func:`load_any` read them as the runs did."""
+    baselines, args.init_specs = expand_baselines(args.baseline, args.checkpoints)
+    return expand_checkpoints(baselines)
+
+
 def check_checkpoint(path: str, args) -> None:
     """A selfsup export's metadata, or for any other file that ``--model`` says how to read it."""
-    if path == RAW:
+    if path == RAW or path in getattr(args, "init_specs", {}):  # --baseline init: checked when expanded
         return
     if has_selfsup_metadata(path) or not args.model:
         read_metadata(path)  # the one-line error says what is missing
@@ -106,6 +116,11 @@ def check_checkpoint(path: str, args) -> None:
 
 def load_any(path: str, args):
     """raw-pixels, a selfsup export, or (with ``--model``) another framework's checkpoint."""
+    if path in getattr(args, "init_specs", {}):  # --baseline init: read as the run read it
+        bb, note = load_init(path, args.init_specs[path])
+        if dist_info()[0] == 0:
+            print(f"note: init: {note}")
+        return bb
     if path == RAW or has_selfsup_metadata(path):
         return load_backbone(path, args.raw_size)
     bb, note = load_foreign(path, args.model, args.model_kwargs, args.checkpoint_key, args.prefix,

@@ -49,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subsets", type=int, default=1, metavar="S",
                    help="draws of n_train examples per task (default 1, as VTAB); reported as mean ± std")
     p.add_argument("--reference", default=None, metavar="NAME",
-                   help="checkpoint the verdicts compare with (name or path; default: the first)")
+                   help="checkpoint the verdicts compare with (name or path; init: the start --baseline "
+                   "init names; default: the first)")
     p.add_argument("--baseline", action="append", default=[], metavar="CHECKPOINT",
-                   help="a checkpoint listed first (e.g. raw-pixels; then the default reference); repeatable")
+                   help="a checkpoint listed first (e.g. raw-pixels; init: the weights the runs started "
+                   "from, model.init; then the default reference); repeatable")
     f = p.add_argument_group("finetune protocol (docs/transfer-suite.md)")
     f.add_argument("--finetune-lr", type=float, nargs="+", default=[0.001, 0.01], metavar="LR",
                    help="learning rates tried on 800 → 200 (default 0.001 0.01, VTAB's)")
@@ -87,6 +89,8 @@ def cheap_name(path: str, args) -> str:
     """The name the record will carry, without loading weights (to check --reference early)."""
     if path == RAW:
         return RAW
+    if path in getattr(args, "init_specs", {}):  # --baseline init (selfsup_eval.init_baseline)
+        return f"init:{Path(path).name}"
     if has_selfsup_metadata(path):
         return f"{run_name(Path(path))}@{read_metadata(Path(path)).get('step', '?')}"
     return f"{Path(path).stem}[{args.model}]"
@@ -124,14 +128,17 @@ def _with_size(bb, task, args):
 
 
 def evaluate(args):
-    from selfsup_eval.common import check_checkpoint, load_any
+    from selfsup_eval.common import baseline_paths, check_checkpoint, load_any
     from selfsup_eval.features import cached_features, default_cache_dir
     from selfsup_eval.suite_data import hold_indices, prepare_draws
     from selfsup_eval.suite_file import load_suite
 
     tasks = load_suite(args.suite)
-    entries = expand_checkpoints(args.baseline) + expand_checkpoints(args.checkpoints)
-    n_base = len(expand_checkpoints(args.baseline))
+    baselines = baseline_paths(args)  # --baseline init: the files the runs started from
+    entries = baselines + expand_checkpoints(args.checkpoints)
+    n_base = len(baselines)
+    if args.reference == "init" and len(args.init_specs) == 1:  # the paired verdict against the start
+        args.reference = next(iter(args.init_specs))
     for path in entries:
         check_checkpoint(path, args)
     names = [cheap_name(p, args) for p in entries]

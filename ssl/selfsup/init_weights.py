@@ -114,7 +114,8 @@ def default_normalisation(cfg, defaults: tuple[list, list]) -> None:
 
 def start_from_init(objective, cfg) -> dict | None:
     """Load ``model.init`` into the objective's online backbone and copy it into every momentum
-    target. Returns ``{"source", "sha256", "note"}`` for the export's provenance, None for
+    target. Returns ``{"source", "sha256", "checkpoint_key", "prefix", "note"}`` (provenance for the
+    exports, which selfsup-eval --baseline init reads), None for
     ``random``. Every error is one line (:class:`~selfsup_io.errors.LoadError` or RecipeError)."""
     path = init_file(cfg)
     if path is None:
@@ -126,5 +127,5 @@ def start_from_init(objective, cfg) -> dict | None:
     match = load_weights(online, state, where, cfg.model.init_prefix, flags=FLAGS)
     for source, target in objective.momentum_pairs():
         target.load_state_dict(source.state_dict())
-    return {"source": str(path.resolve()), "sha256": file_digest(path),
-            "note": unused_note(where, match, key)}
+    return {"source": str(path.resolve()), "sha256": file_digest(path), "checkpoint_key": key,
+            "prefix": match["prefix"], "note": unused_note(where, match, key)}

@@ -228,7 +228,7 @@ class Trainer:
                 "step": self.state["step"], "epoch": round(self.epochs_done(), 4),
                 "run": str(self.run_dir)}
         if self.init is not None:  # provenance: selfsup-eval --baseline init reads it
-            meta["init"] = {"source": self.init["source"], "sha256": self.init["sha256"]}
+            meta["init"] = {k: v for k, v in self.init.items() if k != "note"}
         if best is not None:
             meta["monitor"] = best
             return ckpt.export_backbone(self.objective.backbone, self.run_dir, meta, names=(self.guard.best_path.name,))
