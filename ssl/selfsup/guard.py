@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from selfsup.errors import RecipeError
 from selfsup_io import export_format as fmt
 
 KNN = "monitor/knn_top1"
@@ -36,9 +37,12 @@ def initial_state() -> dict:
 
 
 class Guard:
-    def __init__(self, cfg, run_dir: str | Path):
+    def __init__(self, cfg, run_dir: str | Path, monitor_enabled: bool):
         self.keep_best = bool(cfg.checkpoint.keep_best)
         self.min_vs_init = cfg.monitor.min_vs_init
+        if (self.keep_best or self.min_vs_init is not None) and not monitor_enabled:
+            raise RecipeError("checkpoint.keep_best and monitor.min_vs_init read the online monitor: set "
+                              "monitor.every_steps > 0 and labelled data.val (or monitor.val)")
         self.measure_start = cfg.model.init != "random" or self.keep_best or self.min_vs_init is not None
         self.best_path = Path(run_dir) / fmt.EXPORT_DIR / fmt.BEST_EXPORT
 

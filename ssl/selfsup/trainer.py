@@ -181,7 +181,7 @@ class Trainer:
         self.seen = elastic.SeenKeys(self.run_dir, acc.process_index) if cfg.data.record_keys else None
         self.stops = StopSignals(self._where_stopped)  # SIGTERM/SIGUSR1: selfsup.stopping
         self.monitor = Monitor(cfg, acc.device)
-        self.guard = Guard(cfg, self.run_dir)  # knn_vs_init, keep_best, min_vs_init
+        self.guard = Guard(cfg, self.run_dir, self.monitor.enabled)  # knn_vs_init, keep_best, min_vs_init
 
     # ----------------------------------------------------------------------------- resume ----
     def resume(self) -> None:
