@@ -179,3 +179,28 @@ def test_bad_init_files_are_one_line_and_nothing_trains(tmp_path, capsys, monkey
         assert init != "timm" or "empty-hub" in line  # says where it looked
         assert not (run / "metrics.jsonl").exists() and not (run / "export").exists()
         assert not target.exists()
+
+
+def test_jigclu_starts_from_a_small_stem_export(tmp_path):
+    """JigClu's backbone (a small-stem ResNet, as jigclu_small.yaml's) starts at a selfsup
+    export of the same architecture; its heads stay fresh."""
+    from selfsup.checkpoint import export_backbone
+    from selfsup.models import create_backbone
+
+    torch.manual_seed(5)
+    src = create_backbone("test_resnet", small_stem=True)
+    with torch.no_grad():
+        for m in src.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+    meta = {"model_name": "test_resnet", "model_kwargs": {"num_classes": 0}, "small_stem": True,
+            "input_size": 16, "mean": [0.5] * 3, "std": [0.2] * 3, "step": 3}
+    path = export_backbone(src, tmp_path / "prev", meta)
+    jc = ["model.name=test_resnet", "model.small_stem=true", "objective.proj_hidden_dim=64", "objective.proj_dim=32"]
+    t = trainer_for(tmp_path / "a", *jc, f"model.init={path}", recipe="jigclu_small.yaml")
+    assert_same(t.objective.backbone, src.state_dict())
+    fresh = trainer_for(tmp_path / "b", *jc, recipe="jigclu_small.yaml")
+    inside = set(t.objective.backbone.state_dict())
+    heads = {k: v for k, v in fresh.objective.state_dict().items() if not k.startswith("backbone.")}
+    ours = {k: v for k, v in t.objective.state_dict().items() if not k.startswith("backbone.")}
+    assert heads and inside and all(torch.equal(ours[k], heads[k]) for k in heads)
