@@ -46,7 +46,7 @@ def test_every_layout_starts_the_backbone_at_the_files_weights(tmp_path, layout)
     torch.save(build(direct.state_dict()), path)
     t = trainer_for(tmp_path, f"model.name={timm_name}", *kwargs_overrides(kw), f"model.init={path}")
     assert_same(t.objective.backbone, direct.state_dict())
-    assert t.init["sha256"] and t.init["source"] == str(path.resolve())
+    assert t.state["init"]["sha256"] and t.state["init"]["source"] == str(path.resolve())
 
 
 def test_a_selfsup_export_and_the_key_and_prefix_overrides(tmp_path):
@@ -204,3 +204,20 @@ def test_jigclu_starts_from_a_small_stem_export(tmp_path):
     heads = {k: v for k, v in fresh.objective.state_dict().items() if not k.startswith("backbone.")}
     ours = {k: v for k, v in t.objective.state_dict().items() if not k.startswith("backbone.")}
     assert heads and inside and all(torch.equal(ours[k], heads[k]) for k in heads)
+
+
+def test_a_resume_needs_no_starting_file_and_keeps_its_provenance(tmp_path):
+    from safetensors import safe_open
+
+    shards = write_shards(tmp_path / "s", n=32, shard_size=32)
+    start = tmp_path / "start.pth"
+    torch.save(model("test_resnet", 0).state_dict(), start)
+    run = tmp_path / "run"
+    assert train("tiny.yaml", shards, run, f"model.init={start}", "train.max_steps=2") == 0
+    start.unlink()  # the checkpoint, not the file, is where a resume starts
+    assert train("tiny.yaml", shards, run, f"model.init={start}", "train.max_steps=3", "--accept-changes") == 0
+
+    def init_of(step):
+        with safe_open(str(run / "export" / f"backbone-step{step:09d}.safetensors"), "pt") as f:
+            return json.loads(f.metadata()["selfsup"])["init"]
+    assert init_of(3) == init_of(2) and init_of(2)["source"] == str(start.resolve())

@@ -130,10 +130,12 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         set_seed(cfg.run.seed)  # identical initial weights on every process
         objective = build_model(cfg, acc)
-        # model.init: the file's weights in the online backbone and every momentum target
-        self.init = start_from_init(objective, cfg)
-        if self.init is not None:
-            acc.print(f"model.init: {self.init['note']}")
+        # model.init: the file's weights in the online backbone and every momentum target. Not
+        # when a checkpoint will replace them: a resume needs no starting file (it may be gone),
+        # and its provenance comes back with the checkpoint's trainer.json
+        init = None if ckpt.resolve_resume(cfg.resume, cfg.run.dir) else start_from_init(objective, cfg)
+        if init is not None:
+            acc.print(f"model.init: {init.pop('note')}")
 
         if not cfg.data.train:
             raise RecipeError("data.train is not set: pass data.train=SHARDS (see docs/formats.md)")
@@ -176,7 +178,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + acc.process_index)
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0,
                       "corrupt_samples": 0, "segment": None,  # segment: exact epochs' plan
-                      "guard": initial_state()}
+                      "guard": initial_state(), "init": init}
         self.positions: dict = {}
         self.seen = elastic.SeenKeys(self.run_dir, acc.process_index) if cfg.data.record_keys else None
         self.stops = StopSignals(self._where_stopped)  # SIGTERM/SIGUSR1: selfsup.stopping
@@ -227,8 +229,8 @@ class Trainer:
                 "pool": self.objective.export_pool, "objective": self.objective.name,
                 "step": self.state["step"], "epoch": round(self.epochs_done(), 4),
                 "run": str(self.run_dir)}
-        if self.init is not None:  # provenance: selfsup-eval --baseline init reads it
-            meta["init"] = {k: v for k, v in self.init.items() if k != "note"}
+        if self.state["init"] is not None:  # provenance: selfsup-eval --baseline init reads it
+            meta["init"] = dict(self.state["init"])
         if best is not None:
             meta["monitor"] = best
             return ckpt.export_backbone(self.objective.backbone, self.run_dir, meta, names=(self.guard.best_path.name,))
