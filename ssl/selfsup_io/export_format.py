@@ -173,7 +173,7 @@ def validate_metadata(info: dict, where: str) -> None:
             bad(key, f"is not a list of 1 or {in_chans} finite numbers")
         if key == "std" and min(v) <= 0:
             bad(key, "has a value that is not positive")
-    if info.get("pool", "head") not in ("head", "mean_patch"):
+    if info.get("pool", "head") not in POOLS:
         raise LoadError(f"{where}: unknown pool {info['pool']!r} (expected 'head' or 'mean_patch')")
     dim = info.get("feature_dim")
     if dim is not None and (not _is_int(dim) or dim < 1):
