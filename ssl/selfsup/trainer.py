@@ -405,11 +405,9 @@ class Trainer:
             log.log(step, record)
             if best:
                 self.export(best={"knn_top1": record[KNN], "step": step})
-        if acc.num_processes > 1:
-            if acc.reduce(torch.tensor([float(stop is not None)], device=acc.device), "sum").item() and stop is None:
-                stop = "the online monitor's guard stopped the run (monitor.min_vs_init; rank 0 says why)"
-        if stop is not None:
-            raise Diverged(stop)
+        if any_rank(acc, stop is not None):  # every rank stops at this step, or none
+            raise Diverged(stop or "the online monitor's guard stopped the run (monitor.min_vs_init; "
+                           "rank 0 says why)")
 
     def _log(self, log, bar, window, metrics, momentum) -> dict:
         acc = self.acc
