@@ -56,7 +56,8 @@ def test_an_objectives_own_rules_are_applied_before_it_is_built():
 
 def test_resume_classes_come_from_the_schema():
     free, structural = resume_classes("moco")
-    assert set(structural) == {"model.name", "model.kwargs", "model.small_stem", "optim.name", "objective.name"}
+    assert set(structural) == {"model.name", "model.kwargs", "model.small_stem", "optim.name", "objective.name",
+                               "optim.layer_decay"}  # layer decay: the optimizer state's param groups
     assert {"run.dir", "resume", "train.log_every", "log.trackers", "checkpoint.keep", "monitor.k",
-            "data.max_corrupt_fraction"} <= set(free)
+            "data.max_corrupt_fraction", "checkpoint.keep_best", "monitor.min_vs_init"} <= set(free)
     assert "optim.lr" not in free and "objective.queue_size" not in free + structural
