@@ -135,7 +135,7 @@ class Trainer:
         # and its provenance comes back with the checkpoint's trainer.json
         init = None if ckpt.resolve_resume(cfg.resume, cfg.run.dir) else start_from_init(objective, cfg)
         if init is not None:
-            acc.print(f"model.init: {init.pop('note')}")
+            acc.print(init.pop("note"))  # "model.init PATH: N tensors from ..., prefix ..."
 
         if not cfg.data.train:
             raise RecipeError("data.train is not set: pass data.train=SHARDS (see docs/formats.md)")
