@@ -55,6 +55,7 @@ def load_init(path: str, spec: dict):
     if has_selfsup_metadata(path):
         bb = load_backbone(path)
         bb.name = f"init:{Path(path).name}"
+        bb.meta["step"] = 0  # the start of the runs that name it, not the step it had in its own run
         return bb, f"{path}: a selfsup export, read with its own metadata"
     m = spec["meta"]
     kwargs = {k: v for k, v in (m.get("model_kwargs") or {}).items() if k != "num_classes"}
