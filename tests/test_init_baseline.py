@@ -8,6 +8,7 @@ import torch
 from conftest import write_shards
 from selfsup_eval.cli import main as eval_main
 from test_eval_foreign import model, prefixed
+from test_eval_suite import suite  # noqa: F401  (the fixture)
 from tinyrun import train
 
 
@@ -51,3 +52,25 @@ def test_baseline_init_of_a_run_from_random_weights_is_one_line(tmp_path, capsys
     assert eval_main(["knn", str(tmp_path / "run"), "--baseline", "init", "--train", str(shards),
                       "--val", str(val), "--k", "3", "--no-cache"]) == 2
     assert "records a starting file" in capsys.readouterr().err
+
+
+def test_the_suite_takes_baseline_init_as_its_default_reference(tmp_path, suite):
+    """`selfsup-eval suite RUN --baseline init`: the start is listed first, so the paired verdict
+    compares each checkpoint with where its run started (here the same weights: exactly 0)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from selfsup_io.export_format import file_digest
+    from test_eval_suite import run_suite
+
+    _, path, start = suite
+    with safe_open(str(start), "pt") as f:
+        meta = json.loads(f.metadata()["selfsup"])
+    meta["init"] = {"source": str(start), "sha256": file_digest(start), "checkpoint_key": None, "prefix": ""}
+    run = tmp_path / "run" / "export" / "backbone.safetensors"
+    run.parent.mkdir(parents=True)
+    save_file(load_file(str(start)), str(run), metadata={"selfsup": json.dumps(meta)})
+    _, records = run_suite(tmp_path, path, run, extra=["--baseline", "init", "--protocols", "knn"])
+    assert records[0]["name"] == "init:backbone.safetensors" and records[0]["baseline"]
+    verdict = records[1]["verdict"]
+    assert verdict["reference"] == "init:backbone.safetensors" and verdict["difference"] == 0.0
