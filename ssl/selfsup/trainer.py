@@ -35,6 +35,7 @@ from selfsup.config import RecipeError
 from selfsup.errors import warn
 from selfsup.data import ShardLoader, check_corrupt
 from selfsup.hf_export import export_hf
+from selfsup.export_meta import export_metadata, export_record
 from selfsup.guard import KNN, Guard, initial_state
 from selfsup.init_weights import start_from_init
 from selfsup.logs import MetricsLog
@@ -198,7 +199,7 @@ class Trainer:
         self._check_weights()
         state = {**self.state, "world_size": self.acc.num_processes,
                  "total_steps": self.total_steps, "batch_size": self.batch_size,
-                 "grad_accum": self.accum, "export": self.export_record()}
+                 "grad_accum": self.accum, "export": export_record(self.objective)}
         rank_state = {"generator": self.generator.get_state(), "positions": self.positions,
                       "num_workers": self.cfg.data.num_workers}
         if self.seen is not None:
@@ -208,29 +209,12 @@ class Trainer:
         self.export()
         return path
 
-    def export_record(self) -> dict:
-        """Which tensors of the objective's state dict are the exported backbone, and how it is
-        pooled: written into ``trainer.json`` so that ``selfsup-export`` reads it instead of
-        knowing each objective (selfsup_io.export_format)."""
-        name = next(n for n, m in self.objective.named_modules() if m is self.objective.backbone)
-        return {"prefix": f"{name}.", "pool": self.objective.export_pool}
-
     def export(self, best: dict | None = None) -> Path | None:
         """The step's export (and export/hf); ``best`` (the monitor's record): only
         ``export/backbone-best.safetensors``, with that record in its metadata."""
         if not self.acc.is_main_process:
             return None
-        cfg = self.cfg
-        meta = {"model_name": cfg.model.name,
-                "model_kwargs": {**OmegaConf.to_container(cfg.model.kwargs), "num_classes": 0},
-                "small_stem": cfg.model.small_stem, "input_size": cfg.augment.size,
-                "mean": list(cfg.augment.mean), "std": list(cfg.augment.std),
-                "feature_dim": int(self.objective.backbone.num_features),
-                "pool": self.objective.export_pool, "objective": self.objective.name,
-                "step": self.state["step"], "epoch": round(self.epochs_done(), 4),
-                "run": str(self.run_dir)}
-        if self.state["init"] is not None:  # provenance: selfsup-eval --baseline init reads it
-            meta["init"] = dict(self.state["init"])
+        meta = export_metadata(self.cfg, self.objective, self.state, self.epochs_done(), self.run_dir)
         if best is not None:
             meta["monitor"] = best
             return ckpt.export_backbone(self.objective.backbone, self.run_dir, meta, names=(self.guard.best_path.name,))
