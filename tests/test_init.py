@@ -166,7 +166,12 @@ def test_bad_init_files_are_one_line_and_nothing_trains(tmp_path, capsys, monkey
     legacy = tmp_path / "legacy.pkl"
     legacy.write_bytes(pickle.dumps({"x": Payload(str(target))}, protocol=2))
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    nan = tmp_path / "nan.safetensors"
+    poisoned = {k: v.contiguous() for k, v in model("test_resnet", 0).state_dict().items()}
+    next(v for v in poisoned.values() if v.is_floating_point())[0] = float("nan")
+    save_file(poisoned, str(nan))
     cases = [(vit, "would stay uninitialised"), (truncated, "not a readable safetensors file"),
+             (nan, "NaN/inf value"),
              (evil, "refusing to unpickle"), (legacy, "refusing to unpickle"),
              ("timm", "no local pretrained weights for test_resnet (looked in"),
              (tmp_path / "nope.pth", "is not a file")]
