@@ -19,7 +19,7 @@ import time
 import torch
 
 from selfsup.config import load_recipe
-from selfsup.trainer import build_model, make_accelerator
+from selfsup.build import build_model, make_accelerator
 
 DEMO_IMAGES = 150_000  # 2.5 epochs of Fashion-MNIST's 60,000
 

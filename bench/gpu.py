@@ -51,7 +51,7 @@ from train_step import timed, trainer_step  # noqa: E402
 
 from selfsup.config import load_recipe  # noqa: E402
 from selfsup.optim import create_optimizer  # noqa: E402
-from selfsup.trainer import build_model, make_accelerator  # noqa: E402
+from selfsup.build import build_model, make_accelerator  # noqa: E402
 from selfsup.views import view_size  # noqa: E402
 
 # name: (recipe, overrides, images per step); batch sizes are the recipes' per-GPU ones

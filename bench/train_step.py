@@ -34,7 +34,7 @@ from selfsup.config import load_recipe
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
 from selfsup.schedules import EMA
-from selfsup.trainer import make_accelerator
+from selfsup.build import make_accelerator
 
 LIGHTLY = {"infonce": NTXentLoss, "dcl": DCLLoss, "dclw": DCLWLoss}
 

@@ -27,7 +27,7 @@ from torch._dynamo.utils import counters
 from conftest import ROOT, write_shards
 from selfsup.config import load_recipe
 from selfsup.schedules import EMA
-from selfsup.trainer import build_model
+from selfsup.build import build_model
 from selfsup.views import view_size
 from tinyrun import TINY, TINY_NO_HEAD, train
 

@@ -11,15 +11,15 @@ from selfsup.cli import train_main
 from selfsup.config import RecipeError
 
 
-def test_threads_leave_a_core_per_loader_worker_and_env_overrides(monkeypatch):
-    assert threads.auto_threads(16, 1, 4) == 12
-    assert threads.auto_threads(16, 2, 4) == 4  # 8 cores per process, 4 of them for its workers
-    assert threads.auto_threads(2, 1, 3) == 1  # never below one
+def test_threads_share_the_cores_among_local_processes_and_env_overrides(monkeypatch):
+    assert threads.auto_threads(16, 1, 4) == 16  # workers are not subtracted (measured: slower)
+    assert threads.auto_threads(16, 2, 4) == 8  # 8 cores per process
+    assert threads.auto_threads(2, 3, 1) == 1  # never below one
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv(threads.ENV, raising=False)
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert threads.choose(1)[0] == 3
+    assert threads.choose(1)[0] == 4  # 8 cores, 2 processes here
     monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's (or torchrun's) choice is kept
     assert threads.choose(1) is None
     monkeypatch.setenv(threads.ENV, "2")  # ...unless ours says otherwise

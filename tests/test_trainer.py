@@ -181,7 +181,7 @@ def test_model_compile_compiles_the_backbone_method_the_objective_calls(recipe, 
     from types import SimpleNamespace
 
     from selfsup.config import load_recipe
-    from selfsup.trainer import build_model
+    from selfsup.build import build_model
 
     cfg = load_recipe(str(ROOT / "recipes" / recipe), [*overrides, "model.compile=true",
                                                        "model.channels_last=false"])

@@ -76,7 +76,8 @@ def run_training(recipes, overrides=(), accept_changes: bool = False) -> str:
     try:
         cfg = load_recipe(recipes, list(overrides))
         from selfsup.stopping import Preempted, StoppedWaiting
-        from selfsup.trainer import Diverged, Trainer, end_distributed
+        from selfsup.build import end_distributed
+        from selfsup.trainer import Diverged, Trainer
 
         trainer = Trainer(cfg, accept_changes=accept_changes)
         try:

@@ -1,12 +1,14 @@
-"""Torch threads of a CPU-only run, chosen so that the main process and the loader workers do not
-oversubscribe the cores.
+"""Torch threads of a CPU-only run, chosen so that the processes on a machine do not
+oversubscribe its cores.
 
-Torch's default is one thread per core in every process; the data-loader workers (each one
-thread: torch sets that in its workers) then compete with the main process's threads for the same
-cores, and the batch augmentation and the model step slow down (measured in issue 31: the
-CPU-side augmentation at 224 px cost 3.5x more with 2 threads than with 1 under load). So the
-main process takes what is left of its share of the cores once its workers have one each:
-``max(1, cores // local processes - data.num_workers)``.
+Torch's default is one thread per core in every process, so several training processes on one
+machine (torchrun on CPU) would each run as many threads as there are cores. Each process takes
+its share instead: ``max(1, cores // local processes)``. The loader workers (one thread each:
+torch sets that in its workers) are not subtracted: measured on the 2-core VM (bench/RESULTS.md),
+leaving a core to one worker cut ``make demo``'s training from 507 to 291 img/s (its worker is
+mostly idle), and even at 224 px with two busy JPEG-decoding workers one main thread fed
+73 img/s against 100 with two (CPU-side augmentation). ``SELFSUP_CPU_THREADS`` sets another
+count where measurement says so.
 
 Overrides, in order: ``SELFSUP_CPU_THREADS=N``; else an ``OMP_NUM_THREADS`` already set (by the
 user, or by ``torchrun``, which sets 1 for several processes) is kept. The choice is also written
@@ -22,8 +24,9 @@ import os
 ENV = "SELFSUP_CPU_THREADS"
 
 
-def auto_threads(cores: int, local_processes: int, num_workers: int) -> int:
-    return max(1, cores // max(1, local_processes) - num_workers)
+def auto_threads(cores: int, local_processes: int, num_workers: int = 0) -> int:
+    """This process's share of the cores (``num_workers``: not subtracted, module docstring)."""
+    return max(1, cores // max(1, local_processes))
 
 
 def choose(num_workers: int) -> tuple[int, str] | None:
@@ -40,7 +43,7 @@ def choose(num_workers: int) -> tuple[int, str] | None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     n = auto_threads(cores, local, num_workers)
-    return n, f"{cores} cores / {local} process(es) - {num_workers} loader worker(s); {ENV} overrides"
+    return n, f"{cores} cores / {local} process(es) on this machine; {ENV} overrides"
 
 
 def apply(num_workers: int) -> str | None:

@@ -12,36 +12,31 @@ carries the augmentation RNG and the data stream's position (see :mod:`selfsup.d
 
 from __future__ import annotations
 
-import inspect
 import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from selfsup import checkpoint as ckpt
 from selfsup import elastic
 from selfsup import resume as resuming
-from selfsup.integrity import damage
 from selfsup import rundir
-from selfsup import threads as cpu_threads
+from selfsup.build import build_model, make_accelerator
 from selfsup.collective import any_rank
 from selfsup.config import RecipeError
-from selfsup.errors import warn
 from selfsup.data import ShardLoader, check_corrupt
-from selfsup.hf_export import export_hf
+from selfsup.errors import warn
 from selfsup.export_meta import export_metadata, export_record
+from selfsup.hf_export import export_hf
+from selfsup.integrity import damage
 from selfsup.guard import KNN, Guard, initial_state
 from selfsup.init_weights import start_from_init
 from selfsup.logs import MetricsLog
-from selfsup.models import create_backbone
 from selfsup.monitor import Monitor
-from selfsup.objectives import build_objective
 from selfsup.optim import create_optimizer, reapply_hyperparameters, recipe_hyperparameters
 from selfsup.recipe_checks import schedule_problems, warmup_notes
 from selfsup.schedules import EMA, lr_scheduler, scaled_lr, set_weight_decay
@@ -49,73 +44,12 @@ from selfsup.stopping import REQUEUE_EXIT_CODE, Preempted, StopSignals
 from selfsup_io.progress import Progress
 from selfsup_io.tracking import TrackerError, check_trackers
 
+
 class Diverged(RuntimeError):
     """The loss or the weights became NaN/inf. The run stops instead of spending the rest of its
     budget on NaNs (as DINO does) and writes nothing for that step, so the newest checkpoint and
     export stay the last good ones. Every rank raises it at the same step: the loss it checks is
     reduced over the ranks and the weights are the same on every rank."""
-
-
-def ddp_kwargs() -> DistributedDataParallelKwargs:
-    """DDP does not broadcast rank 0's buffers before every forward pass (per-process BatchNorm
-    statistics stay per process, as the methods' split BN expects). torch 2.14 renamed that
-    argument ``forward_sync_buffers`` and warns (FutureWarning, once per process) on the old
-    ``broadcast_buffers``, the only name accelerate's handler knows; so the new one is passed
-    through the handler. Unlike the old one it still syncs buffers once at start, where every
-    process holds the same values anyway (the same seed builds the same model everywhere)."""
-    handler = DistributedDataParallelKwargs()
-    if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters:
-        handler.to_kwargs = lambda: {"forward_sync_buffers": False}
-    else:
-        handler.broadcast_buffers = False
-    return handler
-
-
-def make_accelerator(cfg) -> Accelerator:
-    cpu = cfg.train.cpu or not torch.cuda.is_available()
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "fp32"
-    note = cpu_threads.apply(cfg.data.num_workers) if cpu else None  # before accelerate looks
-    acc = Accelerator(cpu=cpu, mixed_precision="bf16" if precision == "bf16" else "no",
-                      kwargs_handlers=[ddp_kwargs()])
-    if note:
-        acc.print(note)
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    if acc.num_processes != expected:
-        raise RuntimeError(f"WORLD_SIZE={expected} but accelerate started {acc.num_processes} "
-                           "process(es); on CPU launch with `torchrun --nproc_per_node N` "
-                           "(`accelerate launch --cpu` starts one process)")
-    return acc
-
-
-def end_distributed(acc: Accelerator) -> None:
-    """Every rank waits, then tears the process group down. The wait keeps every rank until rank
-    0 has written its export: launchers that kill the rest on the first exit (srun
-    --kill-on-bad-exit, torchrun) cut nothing short. The teardown matters too: a torchrun process
-    that exits with gloo's (or NCCL's) threads still up can abort ("terminate called without an
-    active exception", seen in CI), which turns a finished run into a failed job."""
-    acc.wait_for_everyone()
-    acc.end_training()
-
-
-def build_model(cfg, acc: Accelerator):
-    """The recipe's backbone wrapped by its objective, with the recipe's memory format,
-    ``torch.compile`` and (several GPUs, BatchNorm) SyncBatchNorm: one place for the trainer and
-    ``bench/gpu.py``, so that a benchmark measures exactly the module a run trains."""
-    backbone = create_backbone(cfg.model.name, OmegaConf.to_container(cfg.model.kwargs),
-                               cfg.model.small_stem, cfg.model.zero_init_last)
-    objective = build_objective(cfg, backbone)
-    if cfg.model.channels_last:
-        objective = objective.to(memory_format=torch.channels_last)
-        backbone.register_forward_pre_hook(
-            lambda m, args: (args[0].contiguous(memory_format=torch.channels_last),) + args[1:])
-    if cfg.model.compile:
-        objective.compile_step()  # the backbone's entry method, or what the objective says
-    if acc.num_processes > 1 and acc.device.type == "cuda" and any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in objective.modules()):
-        objective = objective.sync_batchnorm()  # SyncBatchNorm, unless the method says otherwise
-    return objective
 
 
 class Trainer:

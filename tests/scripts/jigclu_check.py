@@ -10,7 +10,7 @@ import torch
 from selfsup.config import load_recipe
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
-from selfsup.trainer import end_distributed, make_accelerator
+from selfsup.build import end_distributed, make_accelerator
 
 
 def main(recipe, out, n=8):

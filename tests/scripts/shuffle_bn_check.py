@@ -13,7 +13,7 @@ from selfsup.config import load_recipe
 from selfsup.models import create_backbone
 from selfsup.objectives import build_objective
 from selfsup.schedules import EMA
-from selfsup.trainer import end_distributed, make_accelerator
+from selfsup.build import end_distributed, make_accelerator
 
 GLOBAL_BATCH, GROUPS = 8, 2
 
