@@ -32,6 +32,9 @@ def test_threads_share_the_cores_among_local_processes_and_env_overrides(monkeyp
 def test_a_run_sets_its_threads_and_says_why_the_peak_lr_is_not_reached(tmp_path, shards, monkeypatch,
                                                                          capsys, caplog):
     monkeypatch.setenv(threads.ENV, "1")
+    # the run writes OMP_NUM_THREADS into os.environ; set through monkeypatch (empty: unset for
+    # selfsup), it is restored afterwards, so later tests' subprocesses do not inherit 1 thread
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
     before = torch.get_num_threads()
     try:
         with caplog.at_level(logging.WARNING):
