@@ -56,7 +56,8 @@ def _name(label: int, names) -> str:
     return str(names[label]) if names and 0 <= label < len(names) else str(label)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` through a temp file and a rename, and close it."""
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
@@ -156,7 +157,7 @@ def neighbours_png(path: Path, ftrain: dict, fval: dict, train_urls, val_urls, n
     fig.suptitle(f"val query (blue) and its {NEIGHBOURS} nearest train images; red: another label",
                  fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def map_png(path: Path, features: torch.Tensor, labels, names=None, seed: int = SEED) -> tuple[Path, str]:
@@ -186,7 +187,7 @@ def map_png(path: Path, features: torch.Tensor, labels, names=None, seed: int = 
     ax.set_title(f"{method} of {len(rows)} val features (cosine geometry), seed {seed}", fontsize=10)
     ax.legend(fontsize=7, markerscale=3, loc="best")
     fig.tight_layout()
-    return _save(fig, path), method
+    return save_figure(fig, path), method
 
 
 def confusion_png(path: Path, y_true, y_pred, names=None) -> Path:
@@ -210,7 +211,7 @@ def confusion_png(path: Path, y_true, y_pred, names=None) -> Path:
     ax.set_title("linear probe on val: share of each true class (rows sum to 1)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -244,7 +245,7 @@ def curves_png(path: Path, run_dir: str | None) -> Path | None:
         ax.axis("off")
     fig.suptitle(f"{Path(run_dir).name}: training curves (metrics.jsonl)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def draw(out_dir, name: str, ftrain: dict, fval: dict, train, val, linear_pred=None,

@@ -194,13 +194,9 @@ def plot(path: Path, curves: dict[str, list[dict]], baselines: list[dict]) -> No
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    from selfsup_eval.pictures import save_figure
+
+    save_figure(fig, path)  # temp file, then rename: never a half-written picture
 
 
 def tracker_metrics(record: dict) -> dict[str, float]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 from selfsup_eval.report import _atomic_write, _grid
@@ -111,13 +110,9 @@ def plot(path: Path, records: list[dict], protocol: str) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    from selfsup_eval.pictures import save_figure
+
+    save_figure(fig, path)  # temp file, then rename: never a half-written picture
 
 
 def write(out_dir: str, records: list[dict], protocols, main_protocol: str) -> list[Path]:

@@ -12,20 +12,16 @@ mismatch like any other damage (:mod:`selfsup.resume` falls back to the previous
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
+from selfsup_io.export_format import file_digest
+
 CHECKSUM_FILE = "checksums.json"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256 = file_digest  # of a file's bytes, read in blocks (one implementation, selfsup_io)
 
 
 def _files(folder: Path) -> list[Path]:
